@@ -1,0 +1,263 @@
+"""What runs after ``fork()``: the helper, the jail's init (pid 1) and the payload (pid 2).
+
+Kept minimal on purpose: every object it needs was prepared by the parent in :class:`Launch`
+(the mount plan included), it talks to the parent only through the wire, and it never returns
+into the caller's stack: each process ends in ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from . import _wire
+from ._linux import syscalls as sc
+from ._linux.mounts import Executor, Op
+
+NAMESPACES = (
+    sc.CLONE_NEWUSER  # created first when combined, so it owns all the others (user_namespaces(7))
+    | sc.CLONE_NEWNS
+    | sc.CLONE_NEWPID
+    | sc.CLONE_NEWUTS
+    | sc.CLONE_NEWIPC
+    | sc.CLONE_NEWCGROUP
+)
+
+
+@dataclass
+class Launch:
+    """Everything the child side needs, prepared by the parent before ``fork()``."""
+
+    plan: Sequence[Op]
+    hostname: str
+    share_net: bool
+    root_map: bool  # the parent writes a uid/gid range map (pytest runs as real root)
+    cwd: str
+    status_w: int
+    control_r: int
+    stdin: int | None = None  # None: /dev/null
+    stdout: int | None = None  # None: inherit (the body's captured stdout)
+    stderr: int | None = None
+    argv: Sequence[str] | None = None  # a command to exec...
+    env: dict[str, str] | None = None
+    body: Callable[[], None] | None = None  # ...or a function to call after "go"
+    sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
+    parent_pid: int = 0
+    syscalls: sc.Syscalls = field(default_factory=sc.Syscalls)
+
+
+class _StepFailed(Exception):
+    pass
+
+
+@contextmanager
+def _step(launch: Launch, name: str) -> Iterator[None]:
+    """Run one setup step; on failure send exactly one error message and stop."""
+    try:
+        yield
+    except OSError as exc:
+        _wire.send(
+            launch.status_w,
+            "error",
+            step=name,
+            errno=exc.errno,
+            detail=exc.strerror or str(exc),
+            path=exc.filename,
+        )
+        raise _StepFailed from None
+
+
+def helper_main(launch: Launch) -> NoReturn:
+    """The first child: enters the namespaces, gets its id map, forks the jail's init."""
+    code = 1
+    try:
+        gc.disable()  # the helpers live for milliseconds; a collection would only copy pages
+        _die_with_parent(launch, launch.parent_pid)
+        flags = NAMESPACES | (0 if launch.share_net else sc.CLONE_NEWNET)
+        with _step(launch, "unshare"):
+            launch.syscalls.unshare(flags)
+        with _step(launch, "open bind sources"):
+            # Still the host's root (fsuid 0) but already in the new mount namespace: open what
+            # the jail will bind before we become an unprivileged uid that cannot reach it.
+            for source in launch.sources:
+                launch.sources[source] = os.open(source, os.O_PATH | os.O_CLOEXEC)
+        with _step(launch, "user namespace id map"):
+            if launch.root_map:
+                _wire.send(launch.status_w, "map", pid=os.getpid())
+                if os.read(launch.control_r, 1) != b"m":
+                    os._exit(1)
+                os.setresgid(0, 0, 0)
+                os.setgroups([])
+                os.setresuid(0, 0, 0)
+            else:
+                _write_own_map()
+        helper = os.getpid()
+        with _step(launch, "fork init"):
+            pid = os.fork()
+        if pid == 0:
+            init_main(launch, helper)
+        _close(launch.status_w, launch.stdin, launch.stdout, launch.stderr)
+        os.waitpid(pid, 0)
+        code = 0
+    except _StepFailed:
+        pass
+    except BaseException:  # pragma: no cover - a bug; say so rather than hang the parent
+        _wire.send(launch.status_w, "error", step="helper", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+    os._exit(code)
+
+
+def init_main(launch: Launch, helper: int) -> NoReturn:
+    """pid 1 of the jail: build the filesystem, start the payload, reap, report its status."""
+    try:
+        # The helper lives outside our pid namespace, so getppid() shows it as 0 (pid_namespaces(7)).
+        _die_with_parent(launch, 0)
+        with _step(launch, "mount"):
+            ex = Executor(launch.syscalls, launch.sources)
+            for op in launch.plan:
+                try:
+                    getattr(ex, op[0])(*op[1:])
+                except OSError as exc:
+                    detail = f"{exc.strerror} during {_describe(op)}"
+                    raise OSError(exc.errno, detail, exc.filename) from None
+        with _step(launch, "hostname"):
+            launch.syscalls.sethostname(launch.hostname)
+        if not launch.share_net:
+            with _step(launch, "loopback up"):
+                launch.syscalls.link_up("lo")
+        with _step(launch, "fork payload"):
+            pid = os.fork()
+        if pid == 0:
+            payload_main(launch)
+        _close(launch.stdin, launch.stdout, launch.stderr)
+        while True:  # reap everything; stop when the payload ends
+            try:
+                reaped, status = os.waitpid(-1, 0)
+            except ChildProcessError:  # pragma: no cover
+                status = 0
+                break
+            if reaped == pid:
+                break
+        _wire.send(launch.status_w, "exit", status=status)
+        # Leaving kills every process still in the jail: the pid namespace dies with its init.
+        os._exit(0)
+    except _StepFailed:
+        os._exit(1)
+    except BaseException:  # pragma: no cover
+        _wire.send(launch.status_w, "error", step="init", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+        os._exit(1)
+
+
+def payload_main(launch: Launch) -> NoReturn:
+    """pid 2: a new session, clean descriptors, then exec the command or call the body."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setsid()
+        with _step(launch, "stdio"):
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(launch.stdin if launch.stdin is not None else devnull, 0)
+            if launch.stdout is not None:
+                os.dup2(launch.stdout, 1)
+            if launch.stderr is not None:
+                os.dup2(launch.stderr, 2)
+            if devnull > 2:
+                os.close(devnull)
+        keep = {0, 1, 2, launch.status_w, launch.control_r}
+        _seal_descriptors(keep, close_all=launch.body is None)
+        with _step(launch, "cwd"):
+            os.chdir(launch.cwd)
+        launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        if not launch.root_map:
+            # Rootless: the jail runs as the caller's own uid, with no capabilities.
+            launch.syscalls.drop_capabilities()
+        if launch.body is None:
+            assert launch.argv is not None
+            env = dict(os.environ) if launch.env is None else launch.env
+            with _step(launch, "exec"):
+                try:
+                    os.execvpe(launch.argv[0], list(launch.argv), env)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
+        gc.enable()
+        _wire.send(launch.status_w, "ready")
+        if os.read(launch.control_r, 1) != b"g":
+            os._exit(1)
+        os.close(launch.control_r)
+        if launch.env is not None:
+            os.environ.clear()
+            os.environ.update(launch.env)
+        outcome = launch.body()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _wire.send(launch.status_w, "report", data=outcome)
+        sys.stderr.flush()
+        os._exit(0)
+    except _StepFailed:
+        os._exit(127)
+    except SystemExit as exc:
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+
+
+def _die_with_parent(launch: Launch, parent: int) -> None:
+    # PR_SET_PDEATHSIG follows the parent *thread*; our parents are single-threaded, and the
+    # getppid() check closes the race with a parent that died before the prctl (prctl(2)).
+    launch.syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _write_own_map() -> None:
+    uid, gid = os.geteuid(), os.getegid()
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
+
+
+def _seal_descriptors(keep: set[int], *, close_all: bool) -> None:
+    """Close what a command must not inherit.
+
+    For a command every descriptor but stdio and the wire is closed. For a test body (a fork of
+    pytest) the descriptors that fixture values hold must keep working, so they stay open but
+    close-on-exec; directory descriptors are closed, since ``openat(dirfd, "..")`` would walk out
+    of the jail's root.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            if close_all or stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+            else:
+                os.set_inheritable(fd, False)
+        except OSError:
+            pass
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None and fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _describe(op: Op) -> str:
+    verb, *args = op
+    shown = [a for a in args if isinstance(a, str)]
+    return f"{verb} {' '.join(shown)}".strip()

@@ -1,0 +1,79 @@
+"""The error tree of pytest-jail.
+
+::
+
+    JailError (Exception)
+    ├── JailConfigError (ValueError)          a bad marker, ini or CLI value; names its source
+    ├── JailUnavailableError                  this host cannot provide a feature; reason + remedy
+    ├── JailSetupError (OSError)              a setup step failed; names the step and the path
+    ├── JailTimeoutError (TimeoutError)       the wall-clock limit killed the jail
+    └── JailProcessError (subprocess.CalledProcessError)   a command failed; carries .result
+
+Every class survives ``pickle`` (xdist and the jail's own wire both move errors between
+processes).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._result import JailResult
+
+
+class JailError(Exception):
+    """Base class of every error pytest-jail raises."""
+
+
+class JailConfigError(JailError, ValueError):
+    """A marker, ini or command-line value is wrong: ``message`` says what, where and what is allowed."""
+
+
+class JailUnavailableError(JailError):
+    """This host cannot provide what the jail needs."""
+
+    def __init__(self, reason: str, remedy: str) -> None:
+        super().__init__(reason, remedy)
+        self.reason = reason
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return f"{self.reason}; {self.remedy}"
+
+
+class JailSetupError(JailError, OSError):
+    """A step of building the jail failed."""
+
+    def __init__(self, step: str, errno: int | None, detail: str, path: str | None = None) -> None:
+        OSError.__init__(self, errno, detail)
+        self.step = step
+        self.detail = detail
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.errno, self.detail, self.path))
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        return f"jail setup failed at step {self.step!r}{where}: {self.detail}"
+
+
+class JailTimeoutError(JailError, TimeoutError):
+    """The wall-clock limit was reached and the whole jail was killed."""
+
+
+class JailProcessError(JailError, subprocess.CalledProcessError):
+    """A command in the jail failed; ``result`` is its :class:`JailResult`."""
+
+    def __init__(self, result: JailResult) -> None:
+        subprocess.CalledProcessError.__init__(
+            self, result.returncode, result.args, result.stdout, result.stderr
+        )
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.result,))
+
+    def __str__(self) -> str:
+        return f"{subprocess.CalledProcessError.__str__(self)} in the jail: {self.result.verdict()}"

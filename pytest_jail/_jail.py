@@ -1,0 +1,421 @@
+"""The engine, free of pytest: build a jail, run a command or a function in it, collect the result.
+
+Parent side of the process tree ``caller -> helper -> init (pid 1) -> payload (pid 2)``; the child
+side is :mod:`pytest_jail._child`. The orchestration reads as a checklist in :meth:`Jail._launch`.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, final
+
+from . import _child, _wire
+from ._errors import JailConfigError, JailSetupError, JailUnavailableError
+from ._linux.mounts import Exposure, closed_ancestors, plan_mounts
+from ._result import JailResult
+from ._spec import JailSpec
+
+#: In root mode the jail's uids and gids 0..65535 are host ids ROOT_MAP_BASE..ROOT_MAP_BASE+65535,
+#: so the jail's root is never the host's root (the range podman and LXC give their first user).
+ROOT_MAP_BASE = 100000
+ROOT_MAP_SIZE = 65536
+_KILL_GRACE = 10.0  # seconds to wait for a killed jail's last process before giving up
+
+
+def in_initial_user_namespace() -> bool:
+    """True when this process sees the host's full id range (so ``uid 0`` is the host's root)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def uses_root_map() -> bool:
+    """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids."""
+    return os.geteuid() == 0 and in_initial_user_namespace()
+
+
+def runtime_paths() -> list[str]:
+    """Where this Python's code lives: what a test body needs to import and format tracebacks."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.add(os.getcwd())
+    return _outermost(os.path.realpath(p) for p in paths)
+
+
+def _outermost(paths: Any) -> list[str]:
+    result: list[str] = []
+    for path in sorted(set(paths)):
+        if path == "/" or any(path.startswith(r.rstrip("/") + "/") for r in result):
+            continue
+        result.append(path)
+    return result
+
+
+@dataclass
+class _Run:
+    """A jail being run: the helper's pid and the parent's ends of the pipes."""
+
+    pid: int
+    status: int
+    control: int
+    started: float
+    reader: _wire.Reader = field(default_factory=_wire.Reader)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    ended: float = 0.0
+
+
+@final
+class Jail:
+    """A recipe for jails; every :meth:`run` or :meth:`start_call` clones a fresh one.
+
+    >>> Jail(JailSpec()).run(["hostname"]).stdout
+    'jail\\n'
+    """
+
+    def __init__(self, spec: JailSpec | None = None, *, exposures: Sequence[Exposure] = ()) -> None:
+        self.spec = spec or JailSpec()
+        self.exposures = tuple(exposures)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        **spec_overrides: Any,
+    ) -> JailResult:
+        """Run ``argv`` in a fresh jail and wait for it, like :func:`subprocess.run`.
+
+        ``spec_overrides`` (``net="host"``, ``rootfs=...``) change this one jail's :class:`JailSpec`.
+
+        .. note:: stdout and stderr are always captured and decoded; stdin is ``/dev/null``
+           unless ``input`` is given. ``timeout`` kills the whole jail and sets ``timed_out``
+           instead of raising, so the output so far is still in the result.
+        """
+        if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
+            raise JailConfigError(
+                f"jail.run(argv={argv!r}): argv must be a non-empty list of strings, "
+                "e.g. ['sh', '-c', 'echo hi'] (a single string is refused, as shell=False)"
+            )
+        spec = self.spec
+        if timeout is not None:
+            spec_overrides["timeout"] = timeout
+        if spec_overrides:
+            spec = spec.merged(f"jail.run({', '.join(f'{k}=...' for k in spec_overrides)})", spec_overrides)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r = in_w = None
+        if input is not None:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        launch_kw = dict(argv=list(argv), env=None if env is None else dict(env),
+                         stdin=in_r, stdout=out_w, stderr=err_w)
+        try:
+            run = self._launch(spec, cwd=cwd, **launch_kw)
+        finally:
+            for fd in (out_w, err_w, in_r):
+                if fd is not None:
+                    os.close(fd)
+        outputs = {out_r: bytearray(), err_r: bytearray()}
+        data = input.encode() if isinstance(input, str) else input
+        timed_out = self._collect(run, spec.timeout, outputs, in_w, data)
+        status = self._exit_status(run)
+        returncode = _returncode(status)
+        if not timed_out:
+            self._raise_setup_error(run)
+            if status is None:
+                raise JailSetupError("init", None, "the jail ended before it reported the command's status")
+        return JailResult(
+            args=list(argv),
+            returncode=-signal.SIGKILL if timed_out and returncode == 0 else returncode,
+            stdout=outputs[out_r].decode("utf-8", "replace"),
+            stderr=outputs[err_r].decode("utf-8", "replace"),
+            timed_out=timed_out,
+            duration=time.monotonic() - run.started,
+            cpu_time=_cpu_time(run),
+            timeout=spec.timeout,
+        )._checked(check)
+
+    def start_call(self, body: Callable[[], None], *, cwd: str | None = None) -> Call:
+        """Build a jail around a fork of this process; ``body`` runs when :meth:`Call.go` is called."""
+        run = self._launch(self.spec, cwd=cwd, body=body)
+        call = Call(self, run)
+        call._wait_ready()
+        return call
+
+    # -- the checklist ------------------------------------------------------------------------
+
+    def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
+        check_supported(spec)
+        root_map = uses_root_map()
+        plan = _plan(spec.rootfs, self.exposures, root_map)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        launch = _child.Launch(
+            plan=plan,
+            hostname=spec.hostname,
+            share_net=spec.net == "host",
+            root_map=root_map,
+            cwd=_jail_cwd(cwd, spec.rootfs, self.exposures),
+            status_w=status_w,
+            control_r=control_r,
+            parent_pid=os.getpid(),
+            sources={e.source: -1 for e in self.exposures} if root_map else {},
+            **payload,
+        )
+        if payload.get("env") is None and spec.env is not None:
+            launch.env = dict(spec.env)
+        started = time.monotonic()
+        with warnings.catch_warnings():
+            # Python 3.12 warns about fork() in a threaded process; the child never touches the
+            # other threads' state: it only makes syscalls, then execs or runs the test body.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            os.close(status_r)
+            os.close(control_w)
+            _child.helper_main(launch)
+        for fd in (status_w, control_r):
+            os.close(fd)
+        run = _Run(pid, status_r, control_w, started)
+        if root_map:
+            self._write_root_map(run)
+        return run
+
+    def _write_root_map(self, run: _Run) -> None:
+        message = self._next_message(run, "map")
+        if message is None:
+            self._exit_status(run)
+            self._raise_setup_error(run)
+            raise JailSetupError("user namespace id map", None, "the helper ended before asking for its id map")
+        mapping = f"0 {ROOT_MAP_BASE} {ROOT_MAP_SIZE}"
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{run.pid}/{name}", "w") as f:
+                f.write(mapping)
+        os.write(run.control, b"m")
+
+    def _next_message(self, run: _Run, kind: str) -> dict[str, Any] | None:
+        """Block until a message of ``kind`` (or an error, or EOF) arrives."""
+        while True:
+            for message in run.messages:
+                if message["kind"] in (kind, "error"):
+                    return message if message["kind"] == kind else None
+            chunk = os.read(run.status, 65536)
+            if not chunk:
+                run.finished = True
+                return None
+            run.messages += run.reader.feed(chunk)
+
+    def _collect(
+        self,
+        run: _Run,
+        timeout: float | None,
+        outputs: dict[int, bytearray] | None = None,
+        stdin: int | None = None,
+        data: bytes | None = None,
+    ) -> bool:
+        """Read the wire (and outputs) until the jail is gone; kill it at ``timeout``. Timed out?"""
+        outputs = outputs or {}
+        deadline = None if timeout is None else run.started + timeout
+        sel = selectors.DefaultSelector()
+        sel.register(run.status, selectors.EVENT_READ)
+        for fd in outputs:
+            sel.register(fd, selectors.EVENT_READ)
+        if stdin is not None:
+            if data:
+                os.set_blocking(stdin, False)
+                sel.register(stdin, selectors.EVENT_WRITE)
+                pending = memoryview(data)
+            else:
+                os.close(stdin)
+        timed_out = False
+        try:
+            while sel.get_map():
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if deadline is not None and wait == 0 and not timed_out:
+                    timed_out = True
+                    _kill(run.pid)
+                    deadline = time.monotonic() + _KILL_GRACE
+                    continue
+                events = sel.select(wait)
+                if not events and timed_out:
+                    break  # a process we cannot kill (D state); give up waiting, never hang
+                for key, _ in events:
+                    fd = key.fd
+                    if fd == stdin:
+                        try:
+                            pending = pending[os.write(fd, pending[:65536]):]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(fd)
+                            os.close(fd)
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        sel.unregister(fd)
+                    elif fd == run.status:
+                        run.messages += run.reader.feed(chunk)
+                    else:
+                        outputs[fd] += chunk
+        finally:
+            for key in list(sel.get_map().values()):
+                if key.fd == stdin:
+                    os.close(key.fd)
+            sel.close()
+            for fd in (*outputs, run.status, run.control):
+                _close_quietly(fd)
+            run.finished = True
+            run.ended = time.monotonic()
+        return timed_out
+
+    def _exit_status(self, run: _Run) -> int | None:
+        """Reap the helper; return the payload's raw wait status if it ran to the end."""
+        if run.pid:
+            _, _, rusage = os.wait4(run.pid, 0)
+            run.rusage = rusage  # type: ignore[attr-defined]
+            run.pid = 0
+        for message in run.messages:
+            if message["kind"] == "exit":
+                return int(message["status"])
+        return None
+
+    def _raise_setup_error(self, run: _Run) -> None:
+        for message in run.messages:
+            if message["kind"] == "error":
+                raise _setup_error(message)
+
+
+@final
+class Call:
+    """A test body waiting in a built jail; :meth:`go` runs it, :meth:`wait` collects it."""
+
+    def __init__(self, jail: Jail, run: _Run) -> None:
+        self._jail = jail
+        self._run = run
+        self.timed_out = False
+        self.report: dict[str, Any] | None = None
+        self.status: int | None = None
+
+    def _wait_ready(self) -> None:
+        if self._jail._next_message(self._run, "ready") is None:
+            self.kill()
+            self._jail._raise_setup_error(self._run)
+            raise JailSetupError("start", None, "the jail ended before the test body was ready")
+
+    def go(self) -> None:
+        os.write(self._run.control, b"g")
+
+    def wait(self, timeout: float | None) -> Call:
+        """Collect the body's report and exit status; kill the whole jail at ``timeout``."""
+        self._run.started = time.monotonic()
+        if not self._run.finished:
+            self.timed_out = self._jail._collect(self._run, timeout)
+        self.status = self._jail._exit_status(self._run)
+        reports = [m for m in self._run.messages if m["kind"] == "report"]
+        self.report = reports[-1]["data"] if reports else None
+        return self
+
+    @property
+    def duration(self) -> float:
+        return self._run.ended - self._run.started
+
+    @property
+    def cpu_time(self) -> float | None:
+        return _cpu_time(self._run)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.status is None else _returncode(self.status)
+
+    def kill(self) -> None:
+        """Kill the jail now (if still there) and reap it; safe to call twice."""
+        if self._run.pid:
+            _kill(self._run.pid)
+            self._jail._collect(self._run, None)
+            self._jail._exit_status(self._run)
+
+
+def check_supported(spec: JailSpec) -> None:
+    """Refuse what this version cannot enforce; a limit is never silently ignored."""
+    if spec.limits:
+        names = ", ".join(spec.limits)
+        raise JailUnavailableError(
+            f"resource limits ({names}) need the cgroup support that this version of "
+            "pytest-jail does not have yet",
+            f"remove {names} from the jail's settings, or use a pytest-jail release with limits",
+        )
+
+
+def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
+    masks: set[str] = set()
+    if rootfs is None and root_map:
+        masks = closed_ancestors(e.target for e in exposures)
+    return _cached_plan(rootfs, exposures, frozenset(masks))
+
+
+@lru_cache(maxsize=64)
+def _cached_plan(rootfs: str | None, exposures: tuple[Exposure, ...], masks: frozenset[str]) -> list[Any]:
+    return plan_mounts(rootfs, exposures, masks=masks)
+
+
+def _jail_cwd(cwd: str | None, rootfs: str | None, exposures: tuple[Exposure, ...]) -> str:
+    """The caller's directory where the jail shows it (never /tmp, which is private), else ``/``."""
+    if cwd is not None:
+        return cwd
+    here = os.getcwd()
+    if any(_is_under(here, e.target) for e in exposures):
+        return here
+    if rootfs is None and not any(_is_under(here, p) for p in ("/tmp", "/proc", "/dev")):
+        return here
+    return "/"
+
+
+def _is_under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _returncode(status: int | None) -> int:
+    if status is None:
+        return -signal.SIGKILL
+    return os.waitstatus_to_exitcode(status)
+
+
+def _cpu_time(run: _Run) -> float | None:
+    rusage = getattr(run, "rusage", None)
+    return None if rusage is None else rusage.ru_utime + rusage.ru_stime
+
+
+def _kill(pid: int) -> None:
+    # The helper's death SIGKILLs init (PR_SET_PDEATHSIG), and init's death every process of
+    # its pid namespace: the whole jail goes, whatever the payload does with SIGTERM.
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _setup_error(message: dict[str, Any]) -> JailSetupError:
+    return JailSetupError(message["step"], message.get("errno"), message["detail"], message.get("path"))

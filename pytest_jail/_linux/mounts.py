@@ -1,0 +1,271 @@
+"""The jail's filesystem as an ordered plan of mount operations, and the code that carries it out.
+
+The plan is computed in the parent, where it can look at the host freely and be unit-tested; the
+jail's init only executes it, step by step (bubblewrap's ``setup_newroot`` is the model). Host
+paths in the plan are plain host paths; the executor reaches them under ``/oldroot`` after the
+first ``pivot_root``, so nothing we mount over can hide a source.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .syscalls import (
+    MNT_DETACH,
+    MOUNT_ATTR_RDONLY,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    Syscalls,
+)
+
+STAGE = "/tmp"  # any directory that exists everywhere; a tmpfs goes over it in our mount ns only
+OLD = "/oldroot"
+NEW = "/newroot"
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_FRESH = ("proc", "dev", "tmp", "sys")
+
+# An operation is a tuple: (verb, *arguments). Verbs are the methods of Executor.
+Op = tuple
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A host path made visible at ``target`` inside the jail."""
+
+    source: str
+    target: str
+    writable: bool = False
+
+
+def plan_mounts(
+    rootfs: str | None,
+    exposures: Sequence[Exposure],
+    *,
+    masks: Iterable[str] = (),
+    exists: Callable[[str], bool] = os.path.lexists,
+    isdir: Callable[[str], bool] = os.path.isdir,
+    listdir: Callable[[str], list[str]] = os.listdir,
+    islink: Callable[[str], bool] = os.path.islink,
+    readlink: Callable[[str], str] = os.readlink,
+) -> list[Op]:
+    """Return the ordered mount plan of one jail.
+
+    :param rootfs: ``None`` for a read-only view of the host's ``/``, else the tree to use as ``/``.
+    :param exposures: host paths to show inside (the test's temp dir, the Python runtime, binds).
+    :param masks: host directories to hide behind an empty tmpfs (in the host view).
+    """
+    ops: list[Op] = [
+        # Propagation first: nothing we mount may leak back to the host (mount_namespaces(7)).
+        ("mount", None, "/", None, MS_REC | MS_PRIVATE, None),
+        ("mount", "tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+        ("mkdir", STAGE + NEW),
+        ("mkdir", STAGE + OLD),
+        # The staging tmpfs becomes / and the host's / moves to /oldroot (bubblewrap does the same).
+        ("pivot_root", STAGE, STAGE + OLD),
+        ("chdir", "/"),
+    ]
+    tree = _Tree(ops, exists, isdir, listdir, islink, readlink)
+    if rootfs is None:
+        ops.append(("bind", OLD, NEW, True))
+        ops.append(("readonly", NEW, True))
+        tree.base["/"] = "/"
+        for mask in sorted(set(masks)):
+            if not any(_under(mask, "/" + fresh) for fresh in _FRESH):  # those are replaced anyway
+                tree.tmpfs(mask, "mode=0755")
+    else:
+        tree.shadow("/", rootfs, skip=_FRESH)
+        for name in _FRESH:
+            ops.append(("mkdir", NEW + "/" + name))
+        ops.append(("bind", OLD + "/sys", NEW + "/sys", True))
+        ops.append(("readonly", NEW + "/sys", True))
+    ops.append(("mount", "proc", NEW + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
+    _plan_dev(ops)
+    tree.tmpfs("/tmp", "mode=1777")
+    for exposure in sorted(exposures, key=lambda e: e.target.count("/")):
+        tree.expose(exposure)
+    for path in sorted(tree.made_tmpfs, key=len, reverse=True):
+        if path != "/tmp":
+            ops.append(("readonly", NEW + path.rstrip("/"), False))
+    ops += [("chdir", NEW), ("pivot_root", ".", "."), ("umount", ".", MNT_DETACH), ("chdir", "/")]
+    return ops
+
+
+def _plan_dev(ops: list[Op]) -> None:
+    dev = NEW + "/dev"
+    ops.append(("mount", "tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"))
+    for name in DEVICES:
+        ops += [("touch", f"{dev}/{name}"), ("bind", f"{OLD}/dev/{name}", f"{dev}/{name}", False)]
+    ops += [
+        ("mkdir", dev + "/pts"),
+        ("mount", "devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+         "newinstance,ptmxmode=0666,mode=620"),
+        ("symlink", "pts/ptmx", dev + "/ptmx"),
+        ("mkdir", dev + "/shm"),
+        ("mount", "tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        ("symlink", "/proc/self/fd", dev + "/fd"),
+        ("symlink", "/proc/self/fd/0", dev + "/stdin"),
+        ("symlink", "/proc/self/fd/1", dev + "/stdout"),
+        ("symlink", "/proc/self/fd/2", dev + "/stderr"),
+    ]
+
+
+class _Tree:
+    """What the new root looks like while the plan is being written."""
+
+    def __init__(self, ops: list[Op], exists, isdir, listdir, islink, readlink) -> None:  # type: ignore[no-untyped-def]
+        self.ops = ops
+        self.base: dict[str, str] = {}  # jail path -> host path of a read-only bind
+        self.made_tmpfs: set[str] = set()  # jail paths of tmpfs mounts we own (we may mkdir there)
+        self.made: set[str] = set()  # jail paths we created
+        self._exists, self._isdir, self._listdir = exists, isdir, listdir
+        self._islink, self._readlink = islink, readlink
+
+    def tmpfs(self, path: str, data: str) -> None:
+        self.ops.append(("mkdir_p", NEW + path))
+        self.ops.append(("mount", "tmpfs", NEW + path, "tmpfs", MS_NOSUID | MS_NODEV, data))
+        self.made_tmpfs.add(path)
+        self.base = {k: v for k, v in self.base.items() if not _under(k, path) or k == "/"}
+
+    def shadow(self, path: str, host_dir: str, skip: Iterable[str] = ()) -> None:
+        """A tmpfs at ``path`` re-populated with read-only binds of ``host_dir``'s entries."""
+        self.tmpfs(path, "mode=0755")
+        for name in sorted(self._listdir(host_dir)):
+            if name in skip:
+                continue
+            source, target = os.path.join(host_dir, name), _join(path, name)
+            if self._islink(source):
+                self.ops.append(("symlink", self._readlink(source), NEW + target))
+            elif self._isdir(source):
+                self.ops += [("mkdir", NEW + target), ("bind", OLD + source, NEW + target, True)]
+                self.ops.append(("readonly", NEW + target, True))
+                self.base[target] = source
+            else:
+                self.ops += [("touch", NEW + target), ("bind", OLD + source, NEW + target, False)]
+                self.ops.append(("readonly", NEW + target, False))
+            self.made.add(target)
+
+    def expose(self, exposure: Exposure) -> None:
+        target = exposure.target
+        owner = max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+        if owner in self.base:
+            host = _join(self.base[owner], target[len(owner):].lstrip("/")) if owner != target else self.base[owner]
+            if not self._exists(host):
+                self._shadow_down_to(target, owner)
+        make = "mkdir_p" if self._isdir(exposure.source) else "touch_p"
+        if not self._present(target):
+            self.ops.append((make, NEW + target))
+        self.ops.append(("bind", OLD + exposure.source, NEW + target, True))
+        if not exposure.writable:
+            self.ops.append(("readonly", NEW + target, True))
+        self.base[target] = exposure.source
+        self.made.add(target)
+
+    def _present(self, target: str) -> bool:
+        owner = max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+        if owner in self.made_tmpfs:
+            return target in self.made
+        return self._exists(_join(self.base[owner], target[len(owner):].lstrip("/")))
+
+    def _shadow_down_to(self, target: str, owner: str) -> None:
+        """Find the deepest existing directory above ``target`` in a read-only base; shadow it."""
+        parts = target[len(owner):].strip("/").split("/")
+        deepest = owner
+        for i in range(len(parts)):
+            candidate = _join(owner, "/".join(parts[: i + 1]))
+            host = _join(self.base[owner], "/".join(parts[: i + 1]))
+            if self._isdir(host) and not self._islink(host):
+                deepest = candidate
+            else:
+                break
+        host_dir = _join(self.base[owner], deepest[len(owner):].lstrip("/"))
+        self.shadow(deepest, host_dir)
+
+
+def _under(path: str, parent: str) -> bool:
+    return parent == "/" or path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _join(base: str, rest: str) -> str:
+    return base.rstrip("/") + "/" + rest if rest else base
+
+
+def closed_ancestors(paths: Iterable[str], *, lstat: Callable[[str], os.stat_result] = os.lstat) -> set[str]:
+    """Directories above ``paths`` that others may not search (``/root`` with mode 0700).
+
+    In root mode the jail's root is an unprivileged host uid, so such a directory would hide the
+    Python runtime behind it; the plan masks it with a tmpfs and exposes only what is needed.
+    """
+    closed = set()
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:i])
+            try:
+                mode = lstat(ancestor).st_mode
+            except OSError:
+                break
+            if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
+                closed.add(ancestor)
+                break
+    return closed
+
+
+class Executor:
+    """Carries out a plan made by :func:`plan_mounts`; each failure names the operation."""
+
+    def __init__(self, sys: Syscalls, sources: dict[str, int] | None = None) -> None:
+        self.sys = sys
+        # Bind sources the parent opened (O_PATH) before the fork: reached through
+        # /proc/self/fd, they need no search permission on their ancestors (``/root`` is 0700).
+        self.sources = sources or {}
+
+    def run(self, plan: Iterable[Op]) -> None:
+        for op in plan:
+            getattr(self, op[0])(*op[1:])
+
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+        self.sys.mount(source, target, fstype, flags, data)
+
+    def bind(self, source: str, target: str, recursive: bool) -> None:
+        fd = self.sources.get(source[len(OLD):] if source.startswith(OLD + "/") else source)
+        if fd is not None:
+            source = f"{OLD}/proc/self/fd/{fd}"
+        self.sys.mount(source, target, None, MS_BIND | (MS_REC if recursive else 0), None)
+
+    def readonly(self, target: str, recursive: bool) -> None:
+        self.sys.mount_setattr(target, MOUNT_ATTR_RDONLY, recursive=recursive)
+
+    def umount(self, target: str, flags: int) -> None:
+        self.sys.umount2(target, flags)
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        self.sys.pivot_root(new_root, put_old)
+
+    def chdir(self, path: str) -> None:
+        os.chdir(path)
+
+    def mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+
+    def mkdir_p(self, path: str) -> None:
+        os.makedirs(path, 0o755, exist_ok=True)
+
+    def touch(self, path: str) -> None:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+
+    def touch_p(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        self.touch(path)
+
+    def symlink(self, target: str, path: str) -> None:
+        os.symlink(target, path)

@@ -1,0 +1,143 @@
+"""The Linux system calls the standard library lacks; ``ctypes`` lives in this file only.
+
+Everything that touches the kernel goes through one :class:`Syscalls` object so that
+tests can inject a recording fake and check the order of the calls (youki's
+``trait Syscall`` is the model).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import platform
+import socket
+import struct
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+AT_RECURSIVE = 0x8000
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+# Syscall numbers glibc has no wrapper for (asm-generic numbers are shared by arm64 and riscv).
+_NUMBERS = {
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91},
+}
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class Syscalls:
+    """Thin, typed wrappers; each raises :class:`OSError` with the path it was given."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._nr = _NUMBERS.get(platform.machine(), _NUMBERS["x86_64"])
+
+    def _check(self, ret: int, *paths: str | None) -> None:
+        if ret < 0:
+            err = ctypes.get_errno()
+            named = [p for p in paths if p]
+            raise OSError(err, os.strerror(err), *named[:1])
+
+    def unshare(self, flags: int) -> None:
+        self._check(self._libc.unshare(ctypes.c_int(flags)))
+
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: int = 0,
+        data: str | None = None,
+    ) -> None:
+        ret = self._libc.mount(
+            None if source is None else os.fsencode(source),
+            os.fsencode(target),
+            None if fstype is None else fstype.encode(),
+            ctypes.c_ulong(flags),
+            None if data is None else data.encode(),
+        )
+        self._check(ret, target)
+
+    def umount2(self, target: str, flags: int = 0) -> None:
+        self._check(self._libc.umount2(os.fsencode(target), ctypes.c_int(flags)), target)
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        ret = self._libc.syscall(
+            ctypes.c_long(self._nr["pivot_root"]), os.fsencode(new_root), os.fsencode(put_old)
+        )
+        self._check(ret, new_root)
+
+    def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None:
+        """Set mount attributes (read-only, nosuid...) on a whole tree in one call (Linux 5.12)."""
+        attr = _MountAttr(attr_set, 0, 0, 0)
+        flags = AT_RECURSIVE if recursive else 0
+        ret = self._libc.syscall(
+            ctypes.c_long(self._nr["mount_setattr"]),
+            ctypes.c_int(-100),  # AT_FDCWD
+            os.fsencode(path),
+            ctypes.c_uint(flags),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        self._check(ret, path)
+
+    def sethostname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+
+    def prctl(self, option: int, arg: int) -> None:
+        self._check(self._libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0))
+
+    def drop_capabilities(self) -> None:
+        """Empty the effective, permitted and inheritable sets of this thread."""
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+        data = (ctypes.c_uint32 * 6)()
+        ret = self._libc.syscall(ctypes.c_long(self._nr["capset"]), header, data)
+        self._check(ret)
+
+    def link_up(self, name: str = "lo") -> None:
+        """Bring one interface up with a single SIOCSIFFLAGS ioctl.
+
+        A fresh network namespace's ``lo`` is the only link on the jail's hot path; this costs
+        0.06 ms where pyroute2 costs 5 ms plus 170 ms to import (see README, "How it works").
+        """
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            req = struct.pack("16sh", name.encode(), 0)
+            flags = struct.unpack("16sh", fcntl.ioctl(sock, SIOCGIFFLAGS, req))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh", name.encode(), flags | IFF_UP))

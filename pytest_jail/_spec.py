@@ -1,0 +1,200 @@
+"""What a jail is made of (:class:`JailSpec`), with parsing and validation that names its source."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import JailConfigError
+
+NET_MODES = ("none", "host")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+# Directories of a custom rootfs that the jail mounts over; a symlink there could point the
+# mount at a host path, so such a rootfs is refused (bubblewrap and runc refuse it too).
+ROOTFS_MOUNTPOINTS = ("proc", "dev", "tmp", "sys")
+
+
+def parse_size(value: object) -> int:
+    """``"64M"`` -> 67108864; bytes as ``int`` pass through. Units are powers of 1024."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a bool")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError("a size like 512k, 64M, 1G or a number of bytes")
+    number, unit = match.groups()
+    size = int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+def format_size(size: int) -> str:
+    """67108864 -> ``"64M"``; the inverse of :func:`parse_size` for round numbers."""
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("k", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A bind mount ``source`` (host) -> ``target`` (jail), read-only unless ``writable``."""
+
+    source: str
+    target: str
+    writable: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Bind:
+        """``"SRC:DST[:ro|rw]"`` -> :class:`Bind`."""
+        parts = str(text).split(":")
+        mode = "ro"
+        if len(parts) == 3:
+            mode = parts.pop()
+        if len(parts) != 2 or mode not in ("ro", "rw") or not all(parts):
+            raise ValueError(f"bind {text!r} is not of the form SRC:DST[:ro|rw]")
+        source, target = parts
+        if not os.path.isabs(target) or ".." in target.split("/"):
+            raise ValueError(f"bind {text!r}: destination must be an absolute path without '..'")
+        source = os.path.abspath(source)
+        if not os.path.exists(source):
+            raise ValueError(f"bind {text!r}: source {source} does not exist")
+        return cls(source, os.path.normpath(target), mode == "rw")
+
+
+@dataclass(frozen=True)
+class JailSpec:
+    """Everything that decides how a jail is built. Immutable; derive with :meth:`merged`.
+
+    :param rootfs: ``None`` for a read-only view of the host's ``/``, or a directory used as ``/``.
+    :param net: ``"none"`` (own network namespace, only ``lo``) or ``"host"``.
+    :param timeout: wall-clock seconds before the whole jail is killed.
+    :param hostname: the UTS hostname inside.
+    :param env: the environment inside; ``None`` inherits the caller's.
+    :param binds: extra bind mounts, ``"SRC:DST[:ro|rw]"`` strings or :class:`Bind`.
+    :param memory: memory limit (bytes or ``"64M"``); :param cpus: cores; :param pids: tasks.
+    """
+
+    rootfs: str | None = None
+    net: str = "none"
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    timeout: float | None = None
+    hostname: str = "jail"
+    env: Mapping[str, str] | None = None
+    binds: tuple[Bind, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.rootfs is not None:
+            set_(self, "rootfs", _check_rootfs(self.rootfs))
+        if self.net not in NET_MODES:
+            raise JailConfigError(
+                f"net={self.net!r} is not a network mode; allowed: {', '.join(map(repr, NET_MODES))}"
+            )
+        if self.memory is not None:
+            set_(self, "memory", _convert("memory", self.memory, parse_size))
+        if self.cpus is not None:
+            set_(self, "cpus", _convert("cpus", self.cpus, _positive_float))
+        if self.pids is not None:
+            set_(self, "pids", _convert("pids", self.pids, _positive_int))
+        if self.timeout is not None:
+            set_(self, "timeout", _convert("timeout", self.timeout, _positive_float))
+        if not isinstance(self.hostname, str) or not _HOSTNAME.match(self.hostname):
+            raise JailConfigError(
+                f"hostname={self.hostname!r} is not valid; allowed: letters, digits, '-' and '.', "
+                "at most 63 characters"
+            )
+        if self.env is not None:
+            if not isinstance(self.env, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
+            ):
+                raise JailConfigError(f"env={self.env!r} is not valid; allowed: a dict of str to str")
+            set_(self, "env", dict(self.env))
+        if isinstance(self.binds, (str, Bind)):
+            raise JailConfigError(f"binds={self.binds!r} is not valid; allowed: a list of 'SRC:DST[:ro|rw]'")
+        set_(self, "binds", tuple(_convert("binds", b, _to_bind) for b in self.binds))
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The resource limits asked for (memory, cpus, pids), without the unset ones."""
+        return {
+            k: v for k, v in (("memory", self.memory), ("cpus", self.cpus), ("pids", self.pids)) if v
+        }
+
+    def merged(self, source: str, changes: Mapping[str, Any]) -> JailSpec:
+        """A copy with ``changes`` applied; a bad value raises one line naming ``source``."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise JailConfigError(
+                f"{source}: unknown argument{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; allowed: {', '.join(names)}"
+            )
+        try:
+            return dataclasses.replace(self, **changes)
+        except JailConfigError as exc:
+            raise JailConfigError(f"{source}: {exc}") from None
+
+
+def _convert(name: str, value: object, convert: Any) -> Any:
+    try:
+        return convert(value)
+    except (TypeError, ValueError) as exc:
+        raise JailConfigError(f"{name}={value!r} is not valid; allowed: {exc}") from None
+
+
+def _positive_float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("a positive number")
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("a positive number")
+    return number
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) <= 0:
+        raise ValueError("a positive whole number")
+    return int(value)
+
+
+def _to_bind(value: object) -> Bind:
+    if isinstance(value, Bind):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a 'SRC:DST[:ro|rw]' string")
+    return Bind.parse(value)
+
+
+def _check_rootfs(value: object) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise JailConfigError(f"rootfs={value!r} is not valid; allowed: None or a directory path")
+    path = os.path.abspath(os.fspath(value))
+    if not os.path.isdir(path):
+        raise JailConfigError(
+            f"rootfs={os.fspath(value)!r} does not exist or is not a directory (resolved to {path})"
+        )
+    for name in ROOTFS_MOUNTPOINTS:
+        entry = os.path.join(path, name)
+        if os.path.islink(entry):
+            raise JailConfigError(
+                f"rootfs={os.fspath(value)!r}: {entry} is a symlink (to {os.readlink(entry)}); "
+                f"{', '.join(ROOTFS_MOUNTPOINTS)} must be real directories or absent"
+            )
+    return path
+
+
+def iter_spec_names() -> Iterable[str]:
+    """The keyword arguments the marker and ``jail.run`` accept."""
+    return (f.name for f in dataclasses.fields(JailSpec))

@@ -1,0 +1,256 @@
+"""The pytest side of pytest-jail: options, the ``jail`` marker and fixture, the call-phase takeover.
+
+The only module (with ``hooks.py``) that imports pytest. The test body of a jailed item runs in a
+jail forked at the end of its setup phase (after its fixtures, so their values reach the body);
+the call phase releases it and takes the report it sends back over the wire.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from . import hooks
+from ._errors import JailConfigError, JailError, JailSetupError, JailUnavailableError
+from ._jail import Call, Jail, runtime_paths, uses_root_map, ROOT_MAP_BASE
+from ._linux.mounts import Exposure
+from ._probe import HostSupport, explain, probe_host
+from ._result import JailResult, describe_status
+from ._spec import JailSpec
+
+# (option, ini name, spec field, help)
+_OPTIONS = (
+    ("--jail-rootfs", "jail_rootfs", "rootfs", "default rootfs of jails: a directory used as /"),
+    ("--jail-net", "jail_net", "net", "default network of jails: none or host"),
+    ("--jail-timeout", "jail_timeout", "timeout", "default wall-clock limit of jails, in seconds"),
+)
+
+base_spec_key = pytest.StashKey[JailSpec]()
+host_key = pytest.StashKey[HostSupport]()
+spec_key = pytest.StashKey["JailSpec | None"]()
+call_key = pytest.StashKey[Call]()
+inside_key = pytest.StashKey[bool]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("jail", "run tests in Linux jails (pytest-jail)")
+    for option, ini, _, help_ in _OPTIONS:
+        group.addoption(option, dest=ini, default=None, help=help_)
+        parser.addini(ini, help_)
+    group.addoption("--jail-all", dest="jail_all", action="store_true", default=None,
+                    help="jail every test, as if each had the jail marker")
+    parser.addini("jail_all", "jail every test", type="bool", default=False)
+    group.addoption("--jail-unavailable", dest="jail_unavailable", default=None,
+                    help="what a jailed test does when this host cannot jail it: fail (default) or skip")
+    parser.addini("jail_unavailable", "fail or skip when this host cannot jail a test", default="fail")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "jail(rootfs=None, *, net='none', timeout=None, hostname='jail', env=None, binds=()): "
+        "run the test body in a freshly cloned Linux jail (pytest-jail)",
+    )
+    spec = JailSpec()
+    for source, values in _layers(config):
+        try:
+            spec = spec.merged(source, values)
+        except JailConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    config.stash[base_spec_key] = spec
+    if _unavailable_policy(config) not in ("fail", "skip"):
+        raise pytest.UsageError(
+            f"{_unavailable_source(config)}: {_unavailable_policy(config)!r} is not allowed; allowed: fail, skip"
+        )
+
+
+def _layers(config: pytest.Config) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The ini values, then the command-line values (later layers win)."""
+    inidir = str(config.inipath.parent) if config.inipath else str(config.rootpath)
+    cwd = str(config.invocation_params.dir)
+    for option, ini, field, _ in _OPTIONS:
+        value = config.getini(ini)
+        if value:
+            yield f"ini {ini} ({config.inipath})", {field: _relative(field, value, inidir)}
+    for option, ini, field, _ in _OPTIONS:
+        value = getattr(config.option, ini)
+        if value is not None:
+            yield f"{option}", {field: _relative(field, value, cwd)}
+
+
+def _relative(field: str, value: Any, base: str) -> Any:
+    if field == "rootfs" and isinstance(value, str) and value not in ("", "none", "None"):
+        return os.path.join(base, value)
+    return None if field == "rootfs" else value
+
+
+def _unavailable_policy(config: pytest.Config) -> str:
+    return str(config.option.jail_unavailable or config.getini("jail_unavailable"))
+
+
+def _unavailable_source(config: pytest.Config) -> str:
+    return "--jail-unavailable" if config.option.jail_unavailable else "ini jail_unavailable"
+
+
+def _host(config: pytest.Config) -> HostSupport:
+    if host_key not in config.stash:
+        config.stash[host_key] = probe_host()
+    return config.stash[host_key]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _host(config).summary()
+
+
+def _item_spec(item: pytest.Item) -> JailSpec | None:
+    marker = item.get_closest_marker("jail")
+    jail_all = item.config.option.jail_all or item.config.getini("jail_all")
+    if marker is None and not jail_all:
+        return None
+    spec = item.config.stash[base_spec_key]
+    if marker is not None:
+        kwargs = dict(marker.kwargs)
+        source = f"jail marker on {item.nodeid}"
+        if len(marker.args) > 1:
+            raise JailConfigError(f"{source}: takes at most one positional argument (rootfs), got {len(marker.args)}")
+        if marker.args:
+            kwargs["rootfs"] = marker.args[0]
+        if isinstance(kwargs.get("rootfs"), (str, os.PathLike)):
+            kwargs["rootfs"] = os.path.join(str(item.config.rootpath), os.fspath(kwargs["rootfs"]))
+        spec = spec.merged(source, kwargs)
+    changed = item.ihook.pytest_jail_spec(item=item, spec=spec)
+    return spec if changed is None else changed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    # Before the fixtures: a bad setting or an unusable host errors without wasting their time.
+    item.stash[spec_key] = spec = _item_spec(item)
+    if spec is not None:
+        _guard(item, _host(item.config).require)
+    result = yield
+    # After every fixture is set up, since their values must reach the body.
+    if spec is not None and isinstance(item, pytest.Function):
+        tmp = getattr(item, "funcargs", {}).get("tmp_path")
+        jail = Jail(spec, exposures=_exposures(item, spec, tmp, body=True))
+        item.stash[call_key] = _guard(item, lambda: jail.start_call(lambda: _run_call(item)))
+    return result
+
+
+def _guard(item: pytest.Item, start: Any) -> Any:
+    """Run a jail step; host limitations become skips under ``--jail-unavailable=skip``."""
+    try:
+        return start()
+    except JailSetupError as exc:
+        unavailable = explain(exc)
+        if unavailable is None:
+            raise
+        error: JailError = unavailable
+    except JailUnavailableError as exc:
+        error = exc
+    if _unavailable_policy(item.config) == "skip":
+        pytest.skip(f"jail unavailable: {error}")
+    raise error
+
+
+def _exposures(item: pytest.Item, spec: JailSpec, tmp: Any, *, body: bool) -> list[Exposure]:
+    """The test's temp dir (writable), and the Python runtime and rootdir (read-only) where needed.
+
+    A body needs the runtime to import and format tracebacks; a command in the host view gets it
+    too (``jail.run([sys.executable, ...])`` must work when Python lives under a 0700 ``/root``).
+    """
+    exposures = []
+    if tmp is not None:
+        path = str(tmp)
+        if uses_root_map():
+            _chown_tree(path, ROOT_MAP_BASE)
+        exposures.append(Exposure(path, path, writable=True))
+    if body or spec.rootfs is None:
+        taken = [e.target for e in exposures]
+        for path in [*runtime_paths(), str(item.config.rootpath)]:
+            if not any(path == t or path.startswith(t + "/") for t in taken):
+                exposures.append(Exposure(path, path))
+                taken.append(path)
+    return exposures
+
+
+def _chown_tree(path: str, uid: int) -> None:
+    """Root mode: hand the test's temp dir to the jail's root (an unprivileged host uid)."""
+    os.lchown(path, uid, uid)
+    for parent, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(parent, name), uid, uid)
+
+
+def _run_call(item: pytest.Item) -> dict[str, Any]:
+    """Inside the jail: run the call phase as pytest would and return the serialized report."""
+    item.stash[inside_key] = True
+    if faulthandler.is_enabled():  # a crash's Python traceback goes to the captured stderr
+        faulthandler.enable(file=sys.stderr)
+    call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
+    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    return item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+
+
+@pytest.hookimpl(tryfirst=True)  # the body already ran in the jail; pytest must not run it again
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    call = pyfuncitem.stash.get(call_key, None)
+    if call is None or pyfuncitem.stash.get(inside_key, False):
+        return None
+    spec = pyfuncitem.stash[spec_key]
+    assert spec is not None
+    try:
+        call.go()
+        call.wait(spec.timeout)
+    finally:
+        call.kill()
+    result = JailResult(
+        args=[pyfuncitem.nodeid],
+        returncode=call.returncode if call.returncode is not None else -9,
+        timed_out=call.timed_out,
+        timeout=spec.timeout,
+        duration=call.duration,
+        cpu_time=call.cpu_time,
+    )
+    pyfuncitem.ihook.pytest_jail_result(item=pyfuncitem, result=result)
+    if call.timed_out:
+        pytest.fail(f"jail: {result.verdict()}", pytrace=False)
+    if call.report is None:
+        ending = describe_status(result.returncode)
+        ending = f"was {ending}" if ending.startswith("killed") else ending
+        pytest.fail(f"jail: the test body {ending} before it reported an outcome", pytrace=False)
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)  # hand pytest the report the jail made, before it makes its own
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport | None:
+    jailed = item.stash.get(call_key, None)
+    if call.when != "call" or jailed is None or jailed.report is None or item.stash.get(inside_key, False):
+        return None
+    return item.config.hook.pytest_report_from_serializable(config=item.config, data=jailed.report)
+
+
+@pytest.hookimpl(tryfirst=True)  # kill a jail whose call never came, before fixtures tear down
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    call = item.stash.get(call_key, None)
+    if call is not None:
+        del item.stash[call_key]
+        call.kill()
+
+
+@pytest.fixture
+def jail(request: pytest.FixtureRequest) -> Jail:
+    """A :class:`Jail` built from this test's marker and the ini/CLI defaults: ``jail.run([...])``."""
+    item = request.node
+    spec = item.stash.get(spec_key, None) or _item_spec(item) or item.config.stash[base_spec_key]
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    return Jail(spec, exposures=_exposures(item, spec, tmp, body=False))
