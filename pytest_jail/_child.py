@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ def helper_main(launch: Launch) -> NoReturn:
         gc.disable()  # the helpers live for milliseconds; a collection would only copy pages
         _die_with_parent(launch, launch.parent_pid)
         flags = NAMESPACES | (0 if launch.share_net else sc.CLONE_NEWNET)
+        uid, gid = os.geteuid(), os.getegid()  # after unshare they read as the overflow id
         with _step(launch, "unshare"):
             launch.syscalls.unshare(flags)
         with _step(launch, "open bind sources"):
@@ -97,7 +99,7 @@ def helper_main(launch: Launch) -> NoReturn:
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
             else:
-                _write_own_map()
+                _write_own_map(uid, gid)
         helper = os.getpid()
         with _step(launch, "fork init"):
             pid = os.fork()
@@ -203,8 +205,6 @@ def payload_main(launch: Launch) -> NoReturn:
     except SystemExit as exc:
         os._exit(exc.code if isinstance(exc.code, int) else 1)
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         os._exit(1)
 
@@ -217,8 +217,7 @@ def _die_with_parent(launch: Launch, parent: int) -> None:
         os._exit(1)
 
 
-def _write_own_map() -> None:
-    uid, gid = os.geteuid(), os.getegid()
+def _write_own_map(uid: int, gid: int) -> None:
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
