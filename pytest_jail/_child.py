@@ -50,6 +50,7 @@ class Launch:
     env: dict[str, str] | None = None
     body: Callable[[], None] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
+    parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     parent_pid: int = 0
     syscalls: sc.Syscalls = field(default_factory=sc.Syscalls)
 
@@ -80,6 +81,7 @@ def helper_main(launch: Launch) -> NoReturn:
     code = 1
     try:
         gc.disable()  # the helpers live for milliseconds; a collection would only copy pages
+        _close(*launch.parent_fds)  # else a held write end of stdin would keep `cat` waiting
         _die_with_parent(launch, launch.parent_pid)
         flags = NAMESPACES | (0 if launch.share_net else sc.CLONE_NEWNET)
         uid, gid = os.geteuid(), os.getegid()  # after unshare they read as the overflow id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -19,7 +20,7 @@ from typing import Any, final
 
 from . import _child, _wire
 from ._errors import JailConfigError, JailSetupError, JailUnavailableError
-from ._linux.mounts import Exposure, closed_ancestors, plan_mounts
+from ._linux.mounts import OLD, Exposure, closed_ancestors, plan_mounts
 from ._result import JailResult
 from ._spec import JailSpec
 
@@ -125,6 +126,7 @@ class Jail:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
         launch_kw = dict(argv=list(argv), env=None if env is None else dict(env),
                          stdin=in_r, stdout=out_w, stderr=err_w)
+        launch_kw["parent_fds"] = tuple(fd for fd in (out_r, err_r, in_w) if fd is not None)
         try:
             run = self._launch(spec, cwd=cwd, **launch_kw)
         finally:
@@ -163,6 +165,8 @@ class Jail:
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
         check_supported(spec)
         root_map = uses_root_map()
+        if root_map:
+            _check_readable_by_jail(self.exposures)
         plan = _plan(spec.rootfs, self.exposures, root_map)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
@@ -175,7 +179,7 @@ class Jail:
             status_w=status_w,
             control_r=control_r,
             parent_pid=os.getpid(),
-            sources={e.source: -1 for e in self.exposures} if root_map else {},
+            sources=_bind_sources(plan) if root_map else {},
             **payload,
         )
         if payload.get("env") is None and spec.env is not None:
@@ -187,8 +191,7 @@ class Jail:
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
-            os.close(status_r)
-            os.close(control_w)
+            launch.parent_fds += (status_r, control_w)
             _child.helper_main(launch)
         for fd in (status_w, control_r):
             os.close(fd)
@@ -372,6 +375,30 @@ def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -
 @lru_cache(maxsize=64)
 def _cached_plan(rootfs: str | None, exposures: tuple[Exposure, ...], masks: frozenset[str]) -> list[Any]:
     return plan_mounts(rootfs, exposures, masks=masks)
+
+
+def _check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
+    """Root mode: the jail runs as an unprivileged host uid; a 0700 directory it needs is a host limit."""
+    for exposure in exposures:
+        if exposure.writable:
+            continue  # the test's temp dir: handed over to the jail's uid by the plugin
+        try:
+            mode = os.stat(exposure.source).st_mode
+        except OSError:
+            continue
+        needed = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
+        if mode & needed != needed:
+            raise JailUnavailableError(
+                f"the jail's root is host uid {ROOT_MAP_BASE} (pytest runs as root), which cannot read "
+                f"{exposure.source} (mode {stat.S_IMODE(mode):04o})",
+                f"make it readable (chmod o+rx {exposure.source}), or run pytest as an unprivileged user",
+            )
+
+
+def _bind_sources(plan: list[Any]) -> dict[str, int]:
+    """Root mode: every host path the plan binds, to be opened while still the host's root."""
+    prefix = OLD + "/"
+    return {op[1][len(OLD):]: -1 for op in plan if op[0] == "bind" and op[1].startswith(prefix)}
 
 
 def _jail_cwd(cwd: str | None, rootfs: str | None, exposures: tuple[Exposure, ...]) -> str:

@@ -92,7 +92,7 @@ def plan_mounts(
         tree.expose(exposure)
     for path in sorted(tree.made_tmpfs, key=len, reverse=True):
         if path != "/tmp":
-            ops.append(("readonly", NEW + path.rstrip("/"), False))
+            ops.append(("readonly", _new(path), False))
     ops += [("chdir", NEW), ("pivot_root", ".", "."), ("umount", ".", MNT_DETACH), ("chdir", "/")]
     return ops
 
@@ -128,8 +128,8 @@ class _Tree:
         self._islink, self._readlink = islink, readlink
 
     def tmpfs(self, path: str, data: str) -> None:
-        self.ops.append(("mkdir_p", NEW + path))
-        self.ops.append(("mount", "tmpfs", NEW + path, "tmpfs", MS_NOSUID | MS_NODEV, data))
+        self.ops.append(("mkdir_p", _new(path)))
+        self.ops.append(("mount", "tmpfs", _new(path), "tmpfs", MS_NOSUID | MS_NODEV, data))
         self.made_tmpfs.add(path)
         self.base = {k: v for k, v in self.base.items() if not _under(k, path) or k == "/"}
 
@@ -186,6 +186,11 @@ class _Tree:
                 break
         host_dir = _join(self.base[owner], deepest[len(owner):].lstrip("/"))
         self.shadow(deepest, host_dir)
+
+
+def _new(path: str) -> str:
+    """The place of jail path ``path`` while the new root is being built."""
+    return NEW if path == "/" else NEW + path
 
 
 def _under(path: str, parent: str) -> bool:

@@ -1,0 +1,349 @@
+"""Benchmark pytest-jail: per-test overhead of ``--jail-all`` and latency of ``Jail().run``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-jail-bench"
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-q"]
+BWRAP_ARGV = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".venv*", "bench")
+
+
+@dataclass(frozen=True)
+class Env:
+    """A cached venv: its name and what pip installs into it (besides pytest-jail from the repo)."""
+
+    name: str
+    requirements: tuple[str, ...]
+
+    @property
+    def python(self) -> Path:
+        return CACHE / self.name / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pytest invocation to time: which venv, which extra args, and its baselines."""
+
+    name: str
+    env: Env
+    args: tuple[str, ...]
+    baselines: tuple[str, ...] = ()
+
+
+PYTEST8 = Env("pytest8", ("pytest==8.4.2", "pytest-forked"))
+PYTEST9 = Env("pytest9", ("pytest>=9,<10",))
+VARIANTS = (
+    Variant("plain", PYTEST8, ()),
+    Variant("forked", PYTEST8, ("-p", "pytest_forked", "--forked"), ("plain",)),
+    Variant("jail-all", PYTEST8, ("--jail-all",), ("plain", "forked")),
+    Variant("plain (pytest 9)", PYTEST9, ()),
+    Variant("jail-all (pytest 9)", PYTEST9, ("--jail-all",), ("plain (pytest 9)",)),
+)
+
+
+# -- venvs ------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def source_hash() -> str:
+    """A digest of the repo's package sources, so a cached venv is refreshed when they change."""
+    digest = hashlib.sha256()
+    for path in sorted([REPO / "pyproject.toml", *(REPO / "pytest_jail").rglob("*.py")]):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def pip(env: Env, *args: str) -> None:
+    argv = [str(env.python), "-m", "pip", "--disable-pip-version-check", "-q", *args]
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench: `{' '.join(argv)}` failed:\n{proc.stdout}{proc.stderr}")
+
+
+def ensure_env(env: Env) -> None:
+    """Create (or refresh) the venv; pytest-jail is installed from a snapshot copy of the repo."""
+    stamp_path = CACHE / env.name / "bench-stamp.json"
+    stamp = {"requirements": list(env.requirements), "source": source_hash()}
+    if env.python.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        return
+    if not env.python.exists():
+        log(f"creating venv {CACHE / env.name}")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(CACHE / env.name)], check=True)
+    log(f"installing {', '.join(env.requirements)} and pytest-jail ({REPO}) into {env.name}")
+    with tempfile.TemporaryDirectory(prefix="pytest-jail-src-") as tmp:
+        src = Path(tmp) / "src"
+        # A copy, so that building never writes build/ or *.egg-info into the working tree.
+        shutil.copytree(REPO, src, ignore=COPY_IGNORE)
+        pip(env, "install", *env.requirements, str(src))
+        pip(env, "install", "--force-reinstall", "--no-deps", str(src))
+    stamp_path.write_text(json.dumps(stamp))
+
+
+def versions(env: Env) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json, platform\n"
+        "names = ['pytest', 'pytest-forked', 'pytest-jail', 'pluggy']\n"
+        "found = {}\n"
+        "for n in names:\n"
+        "    try: found[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "found['python'] = platform.python_version()\n"
+        "print(json.dumps(found))\n"
+    )
+    proc = subprocess.run([str(env.python), "-c", code], capture_output=True, text=True, check=True)
+    found: dict[str, str] = json.loads(proc.stdout)
+    return found
+
+
+# -- pytest overhead --------------------------------------------------------------------------------
+
+
+def write_tests(directory: Path, count: int) -> None:
+    (directory / "pytest.ini").write_text("")
+    body = "".join(f"def test_{i}():\n    assert 1\n\n\n" for i in range(count))
+    (directory / "test_generated.py").write_text(body)
+    # In root mode the jail's root is an unprivileged host uid: it must be able to enter the rootdir.
+    directory.chmod(0o755)
+
+
+def pytest_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return env
+
+
+def time_pytest(variant: Variant, directory: Path, count: int) -> float:
+    """Wall time of one pytest run; exits loudly unless it reports exactly ``count passed``."""
+    argv = [str(variant.env.python), "-m", "pytest", *PYTEST_ARGS, *variant.args]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, check=False, cwd=directory, env=pytest_env(),
+                          capture_output=True, text=True, timeout=900)
+    elapsed = time.perf_counter() - start
+    last = proc.stdout.strip().splitlines()[-1:] or [""]
+    if proc.returncode != 0 or not re.fullmatch(rf"{count} passed in [\d.]+s(?: \([\d:]+\))?", last[0]):
+        sys.exit(f"bench: {variant.name}: `{' '.join(argv)}` did not report '{count} passed' "
+                 f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return elapsed
+
+
+def rotated(items: Sequence[Variant], by: int) -> list[Variant]:
+    by %= len(items)
+    return [*items[by:], *items[:by]]
+
+
+def measure_pytest(count: int, rounds: int) -> dict[str, list[float]]:
+    """Round-robin the variants (order rotated each round) after one warm-up round."""
+    times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="pytest-jail-bench-") as tmp:
+        directory = Path(tmp)
+        write_tests(directory, count)
+        for round_ in range(rounds + 1):
+            log(f"pytest round {round_}/{rounds}" + (" (warm-up)" if round_ == 0 else ""))
+            for variant in rotated(VARIANTS, round_):
+                elapsed = time_pytest(variant, directory, count)
+                if round_ > 0:
+                    times[variant.name].append(elapsed)
+    return times
+
+
+def overhead_ms(times: dict[str, list[float]], name: str, base: str, count: int) -> list[float]:
+    """Per-test overhead of ``name`` over ``base`` in each round (pair-wise), in ms."""
+    return [(t - b) / count * 1000 for t, b in zip(times[name], times[base])]
+
+
+# -- Jail().run latency -----------------------------------------------------------------------------
+
+
+def latency_worker(iterations: int, warmup: int) -> None:
+    """Run inside the venv: time each method alternately in-process and print JSON samples (s)."""
+    from pytest_jail import Jail
+
+    def jail() -> int:
+        return Jail().run(["true"]).returncode
+
+    def sub() -> int:
+        return subprocess.run(["true"], check=False).returncode
+
+    def bwrap() -> int:
+        return subprocess.run(BWRAP_ARGV, check=False, capture_output=True).returncode
+
+    methods: dict[str, Callable[[], int]] = {"subprocess": sub, "jail": jail}
+    if shutil.which("bwrap"):
+        methods["bwrap"] = bwrap
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for i in range(warmup + iterations):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            code = methods[name]()
+            elapsed = time.perf_counter() - start
+            if code != 0:
+                sys.exit(f"bench: latency {name} exited {code}")
+            if i >= warmup:
+                samples[name].append(elapsed)
+    print(json.dumps(samples))
+
+
+def measure_latency(iterations: int, warmup: int) -> dict[str, list[float]]:
+    log(f"latency: {iterations} iterations per method after {warmup} warm-up")
+    argv = [str(PYTEST8.python), str(Path(__file__).resolve()), "--latency-worker", str(iterations),
+            "--warmup", str(warmup)]
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        sys.exit(f"bench: latency worker failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return {k: [s * 1000 for s in v] for k, v in json.loads(proc.stdout).items()}
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, p10, p90."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), deciles[0], deciles[-1]
+
+
+def fmt_overhead(values: list[float]) -> str:
+    return f"{statistics.median(values):+.1f} ({min(values):+.1f} … {max(values):+.1f})"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bwrap_version() -> str:
+    if not shutil.which("bwrap"):
+        return "not installed"
+    proc = subprocess.run(["bwrap", "--version"], check=False, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown version"
+
+
+def print_facts(v8: dict[str, str], v9: dict[str, str], count: int, rounds: int, iterations: int) -> None:
+    print("## Machine")
+    print()
+    print(f"- kernel: {platform.release()} ({platform.machine()})")
+    print(f"- CPUs: {os.cpu_count()} × {cpu_model()}")
+    print(f"- python: {v8['python']} (venvs in {CACHE})")
+    print(f"- venv {PYTEST8.name}: pytest {v8['pytest']}, pytest-forked {v8.get('pytest-forked', '-')}, "
+          f"pytest-jail {v8['pytest-jail']}, pluggy {v8['pluggy']}")
+    print(f"- venv {PYTEST9.name}: pytest {v9['pytest']}, pytest-jail {v9['pytest-jail']}, "
+          f"pluggy {v9['pluggy']}")
+    print(f"- bubblewrap: {bwrap_version()}")
+    mode = "root mode: jail ids map to host ids 100000+" if os.geteuid() == 0 else "rootless mode"
+    print(f"- euid: {os.geteuid()} ({mode})")
+    print(f"- workload: {count} trivial tests, {rounds} rounds after 1 warm-up; "
+          f"latency: {iterations} iterations per method")
+    print()
+
+
+def print_pytest_table(times: dict[str, list[float]], count: int, pytests: dict[str, str]) -> None:
+    print(f"## pytest: per-test overhead ({count} tests, `pytest {' '.join(PYTEST_ARGS)}`)")
+    print()
+    print("| variant | extra args | pytest | wall, median (s) | vs plain (ms/test) | vs forked (ms/test) |")
+    print("|---|---|---|---:|---:|---:|")
+    for variant in VARIANTS:
+        args = f"`{' '.join(variant.args)}`" if variant.args else "—"
+        cells = [args, pytests[variant.env.name], f"{statistics.median(times[variant.name]):.2f}"]
+        for kind in ("plain", "forked"):
+            base = next((b for b in variant.baselines if b.split()[0] == kind), None)
+            cells.append(fmt_overhead(overhead_ms(times, variant.name, base, count)) if base else "—")
+        print(f"| {variant.name} | " + " | ".join(cells) + " |")
+    print()
+    print("Overhead cells: median over rounds of (T_variant − T_baseline)/N, same round; "
+          "(min … max) over rounds.")
+    print()
+
+
+def print_latency_table(samples: dict[str, list[float]]) -> None:
+    labels = {
+        "subprocess": '`subprocess.run(["true"])`',
+        "bwrap": "`bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev true`",
+        "jail": '`Jail().run(["true"])`',
+    }
+    print("## Latency of one command (in-process, time.perf_counter)")
+    print()
+    print("| method | median (ms) | p10–p90 (ms) | vs subprocess, median (ms) |")
+    print("|---|---:|---:|---:|")
+    base = samples["subprocess"]
+    for name in ("subprocess", "bwrap", "jail"):
+        if name not in samples:
+            continue
+        median, p10, p90 = spread(samples[name])
+        deltas = [a - b for a, b in zip(samples[name], base)]
+        delta = "—" if name == "subprocess" else f"{statistics.median(deltas):+.2f}"
+        print(f"| {labels[name]} | {median:.2f} | {p10:.2f}–{p90:.2f} | {delta} |")
+    if "bwrap" not in samples:
+        print()
+        print("bwrap row skipped: `bwrap` not found; install it with `apt-get install bubblewrap` "
+              "(Debian/Ubuntu) or `dnf install bubblewrap` (Fedora).")
+    print()
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=None, help="timed pytest rounds (default 5, quick 2)")
+    parser.add_argument("--tests", type=int, default=None, help="tests per run (default 200, quick 50)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run: fewer tests and rounds")
+    parser.add_argument("--latency-worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.tests = args.tests or (50 if args.quick else 200)
+    args.iterations = 50 if args.quick else 300
+    if args.rounds < 1 or args.tests < 1:
+        parser.error("--rounds and --tests must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.latency_worker is not None:
+        latency_worker(args.latency_worker, args.warmup)
+        return
+    started = time.perf_counter()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for env in (PYTEST8, PYTEST9):
+        ensure_env(env)
+    facts = (versions(PYTEST8), versions(PYTEST9))
+    times = measure_pytest(args.tests, args.rounds)
+    samples = measure_latency(args.iterations, 5 if args.quick else 20)
+    print_facts(*facts, args.tests, args.rounds, args.iterations)
+    pytests = {PYTEST8.name: facts[0]["pytest"], PYTEST9.name: facts[1]["pytest"]}
+    print_pytest_table(times, args.tests, pytests)
+    print_latency_table(samples)
+    print(f"Total bench time: {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

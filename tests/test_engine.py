@@ -1,0 +1,235 @@
+"""The engine without pytest's plugin: real namespaces, mounts and processes (root and rootless)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+
+import pytest
+
+from conftest import needs_jail, root_mode, rootless_mode
+from pytest_jail import Jail, JailConfigError, JailProcessError, JailSetupError, JailSpec
+from pytest_jail._jail import ROOT_MAP_BASE
+from pytest_jail._linux.mounts import Exposure
+
+pytestmark = needs_jail
+
+
+def sh(script: str, **kw: object) -> str:
+    result = Jail(kw.pop("spec", None)).run(["sh", "-c", script], **kw)  # type: ignore[arg-type]
+    assert result.returncode == 0, result
+    return result.stdout
+
+
+def test_pid_namespace_with_reaping_init() -> None:
+    """The command is pid 2 under a pid 1 init, and it sees only the jail's processes."""
+    out = sh("echo $$; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -E '^[0-9]+$' | sort -n")
+    lines = out.split("\n")
+    assert lines[0] == "2"
+    pids = [int(p) for p in lines[2:] if p]
+    assert pids[0] == 1 and max(pids) < 10
+
+
+def test_session_stdin_and_descriptors() -> None:
+    """setsid(); stdin is /dev/null; only stdio survives (the wire is close-on-exec)."""
+    fd_r, fd_w = os.pipe()  # an open descriptor in the caller must not reach the jail
+    try:
+        out = sh("ps -o sid= -p $$ 2>/dev/null || cat /proc/self/stat | cut -d' ' -f6; "
+                 "readlink /proc/self/fd/0; ls /proc/self/fd")
+    finally:
+        os.close(fd_r)
+        os.close(fd_w)
+    sid, stdin, *fds = out.split()
+    assert sid.strip() in ("2", "3")  # the shell's session (pid 2; ps may run as pid 3)
+    assert stdin == "/dev/null"
+    assert sorted(int(f) for f in fds) == [0, 1, 2, 3]  # 3 is ls's own directory handle
+
+
+def test_uts_ipc_cgroup_namespaces() -> None:
+    """Own hostname, an empty IPC namespace, a cgroup namespace rooted at the jail."""
+    out = sh("hostname; cat /proc/sysvipc/shm | wc -l; cat /proc/self/cgroup | cut -d: -f3 | sort -u",
+             spec=JailSpec(hostname="box1"))
+    hostname, shm_lines, *cgroups = out.split()
+    assert hostname == "box1"
+    assert shm_lines == "1"  # the header only
+    assert set(cgroups) == {"/"}
+    for ns in ("uts", "ipc", "cgroup", "net", "mnt", "pid", "user"):
+        inside = sh(f"readlink /proc/self/ns/{ns}").strip()
+        assert inside != os.readlink(f"/proc/self/ns/{ns}"), ns
+
+
+@root_mode
+def test_root_maps_to_an_unprivileged_host_uid() -> None:
+    """Root mode: the jail's root is host uid 100000, never the host's root."""
+    out = sh("id -u; cat /proc/self/uid_map")
+    uid, *mapping = out.split()
+    assert uid == "0"
+    assert mapping == ["0", str(ROOT_MAP_BASE), "65536"]
+
+
+@rootless_mode
+def test_rootless_runs_as_the_caller() -> None:
+    """Rootless: the jail runs as the caller's own uid, with no capabilities."""
+    out = sh("id -u; grep CapEff /proc/self/status")
+    assert out.split()[0] == str(os.geteuid())
+    assert out.split()[-1] == "0000000000000000"
+
+
+def test_host_view_is_read_only_with_private_tmp(tmp_path: os.PathLike[str]) -> None:
+    """/ is the host's, read-only; /tmp is private, empty and writable; nothing reaches the host."""
+    result = Jail().run(["sh", "-c", "touch /usr/jail-probe /etc/jail-probe; ls -A /tmp; echo x > /tmp/f && cat /tmp/f"])
+    assert result.stderr.count("Read-only file system") == 2
+    assert result.stdout == "x\n"
+    assert not os.path.exists("/usr/jail-probe") and not os.path.exists("/tmp/f")
+
+
+def test_minimal_dev_and_fresh_proc() -> None:
+    """A fresh /proc and a minimal /dev with working nodes and a private devpts."""
+    out = sh("ls /dev | sort | tr '\\n' ' '; echo; head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok; "
+             "grep -c . /proc/mounts >/dev/null && echo proc-ok")
+    assert out.split("\n")[0].split() == sorted(
+        ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"]
+    )
+    assert "4\nnull-ok\nproc-ok" in out
+
+
+def test_writable_exposure(tmp_path: os.PathLike[str]) -> None:
+    """An exposed directory (the test's tmp_path) is writable inside, and the write lands on the host."""
+    path = os.fspath(tmp_path)
+    os.chmod(path, 0o777)
+    result = Jail(exposures=[Exposure(path, path, writable=True)]).run(["sh", "-c", f"echo hi > {path}/out"])
+    assert result.returncode == 0, result
+    assert open(os.path.join(path, "out")).read() == "hi\n"
+
+
+def test_net_none_has_only_loopback_and_cannot_reach_host_loopback() -> None:
+    """net='none': only lo, up; a server on the host's 127.0.0.1 is unreachable."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted: list[object] = []
+    server.settimeout(3)
+    thread = threading.Thread(target=lambda: _accept(server, accepted))
+    thread.start()
+    try:
+        script = (f"import socket\nprint(sorted(n for _, n in socket.if_nameindex()))\n"
+                  f"s = socket.socket(); s.settimeout(2)\nprint(s.connect_ex(('127.0.0.1', {port})))\n")
+        result = Jail(exposures=[Exposure(p, p) for p in _runtime()]).run([sys.executable, "-c", script])
+    finally:
+        thread.join()
+        server.close()
+    assert result.stdout.split("\n")[:2] == ["['lo']", "111"], result  # ECONNREFUSED inside
+    assert accepted == []
+
+
+def _accept(server: socket.socket, accepted: list[object]) -> None:
+    try:
+        accepted.append(server.accept())
+    except OSError:
+        pass
+
+
+def _runtime() -> list[str]:
+    from pytest_jail._jail import runtime_paths
+
+    return runtime_paths()
+
+
+def test_net_host_shares_the_host_network() -> None:
+    """net='host': the jail sees the host's links."""
+    inside = sh("ls /sys/class/net | sort", spec=JailSpec(net="host")).split()
+    assert inside == sorted(os.listdir("/sys/class/net"))
+
+
+def test_returncode_signal_and_check() -> None:
+    """returncode is the exit status, -N for signal N; check=True raises JailProcessError."""
+    jail = Jail()
+    assert jail.run(["sh", "-c", "exit 3"]).returncode == 3
+    assert jail.run(["sh", "-c", "kill -SEGV $$"]).returncode == -11
+    with pytest.raises(JailProcessError) as info:
+        jail.run(["sh", "-c", "echo out; echo err >&2; exit 4"], check=True)
+    assert (info.value.returncode, info.value.result.stdout, info.value.result.stderr) == (4, "out\n", "err\n")
+
+
+def test_input_env_cwd() -> None:
+    """input feeds stdin; env replaces the environment; cwd is inside the jail."""
+    result = Jail().run(["sh", "-c", "cat; echo $ONLY; pwd; env | wc -l"], input="data\n", env={"ONLY": "1"}, cwd="/etc")
+    assert result.stdout.split("\n")[:3] == ["data", "1", "/etc"]
+    assert int(result.stdout.split("\n")[3]) <= 3  # ONLY, PWD, and maybe SHLVL
+
+
+def test_argv_must_be_a_list() -> None:
+    """A string is refused: argv is a list, as with shell=False."""
+    with pytest.raises(JailConfigError, match="argv must be a non-empty list of strings"):
+        Jail().run("echo hi")  # type: ignore[arg-type]
+
+
+def test_missing_command_is_a_setup_error() -> None:
+    """A command that does not exist is a setup error naming the command, not an exit status."""
+    with pytest.raises(JailSetupError, match="cannot run 'no-such-command'"):
+        Jail().run(["no-such-command"])
+
+
+def test_timeout_kills_a_sigterm_ignoring_tree() -> None:
+    """The wall-clock limit kills the whole jail, even processes that ignore SIGTERM."""
+    result = Jail().run(["sh", "-c", "trap '' TERM; (trap '' TERM; sleep 60) & echo started; sleep 60"], timeout=0.5)
+    assert result.timed_out and result.returncode == -9
+    assert result.stdout == "started\n"
+    assert result.duration < 30
+    assert "timed out after 0.5s" in result.verdict()
+
+
+def test_daemon_dies_with_the_jail() -> None:
+    """A double-forked daemon does not outlive its jail."""
+    tag = f"pj-daemon-{os.getpid()}"
+    result = Jail().run(["sh", "-c", f"(setsid sh -c 'exec -a {tag} sleep 60' &) ; echo spawned"])
+    assert result.stdout == "spawned\n"
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and tag in _cmdline(p)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_nested_jail() -> None:
+    """A jail can run a jail (a jailed test body calling jail.run)."""
+    code = "from pytest_jail import Jail; r = Jail().run(['sh', '-c', 'echo $$; hostname']); print(r.stdout, end='')"
+    result = Jail(JailSpec(hostname="outer"), exposures=[Exposure(p, p) for p in _runtime()]).run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
+    assert result.stdout == "2\njail\n", result
+
+
+def _tree_digest(root: str) -> str:
+    digest = hashlib.sha256()
+    for parent, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            digest.update(f"{path}{st.st_mode}{st.st_uid}{st.st_size}".encode())
+            if os.path.isfile(path) and not os.path.islink(path):
+                digest.update(open(path, "rb").read())
+    return digest.hexdigest()
+
+
+def test_rootfs_pivot_root_and_unchanged_tree(busybox_rootfs: str) -> None:
+    """rootfs=DIR becomes / via pivot_root; writes, deletes and chmods never reach DIR."""
+    before = _tree_digest(busybox_rootfs)
+    result = Jail(JailSpec(rootfs=busybox_rootfs)).run(
+        ["/bin/sh", "-c", "cat /etc/marker; ls /; touch /etc/new; rm /etc/marker; chmod 700 /bin; "
+                          "echo ok > /tmp/t && cat /tmp/t; ps"])
+    assert result.stdout.startswith("from the rootfs\n")
+    listing = result.stdout.split("\n")[1:8]
+    assert {"bin", "dev", "etc", "proc", "root", "sys", "tmp"} <= set(listing)
+    assert "ok" in result.stdout
+    assert result.stderr.count("Read-only file system") >= 3
+    ps_lines = result.stdout.strip().split("\n")[-3:]
+    assert ps_lines[0].split()[0] == "PID" and ps_lines[1].split()[0] == "1"
+    assert _tree_digest(busybox_rootfs) == before

@@ -1,0 +1,47 @@
+"""Architecture guards: pytest stays at the edge, pyroute2 stays in one module, the API is pinned."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest_jail
+
+PACKAGE = pathlib.Path(pytest_jail.__file__).parent
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_plugin_and_hooks_import_pytest() -> None:
+    """The engine works without pytest."""
+    offenders = {p.name for p in PACKAGE.rglob("*.py") if {"pytest", "_pytest"} & _imports(p)}
+    assert offenders <= {"plugin.py", "hooks.py"}
+
+
+def test_only_net_module_imports_pyroute2() -> None:
+    """All netlink work lives in _linux/net.py."""
+    offenders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "pyroute2" in _imports(p)}
+    assert offenders <= {"_linux/net.py"}
+
+
+def test_only_syscalls_module_uses_ctypes() -> None:
+    """ctypes appears in exactly one file."""
+    offenders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "ctypes" in _imports(p)}
+    assert offenders == {"_linux/syscalls.py"}
+
+
+def test_public_api_is_pinned() -> None:
+    """The export list is curated, sorted and names the package as each class's module."""
+    assert pytest_jail.__all__ == [
+        "Bind", "Jail", "JailConfigError", "JailError", "JailProcessError", "JailResult",
+        "JailSetupError", "JailSpec", "JailTimeoutError", "JailUnavailableError",
+    ]
+    assert all(getattr(pytest_jail, n).__module__ == "pytest_jail" for n in pytest_jail.__all__)
