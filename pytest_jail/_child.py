@@ -100,6 +100,9 @@ def helper_main(launch: Launch) -> NoReturn:
                 os.setresgid(0, 0, 0)
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
+                # Changing ids made us non-dumpable, which hands /proc/self to the host's root and
+                # would stop a jail nested in this one from writing its id map (prctl(2)).
+                launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)
             else:
                 _write_own_map(uid, gid)
         helper = os.getpid()

@@ -366,15 +366,13 @@ def check_supported(spec: JailSpec) -> None:
 
 
 def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
-    masks: set[str] = set()
-    if rootfs is None and root_map:
-        masks = closed_ancestors(e.target for e in exposures)
-    return _cached_plan(rootfs, exposures, frozenset(masks))
+    closed = closed_ancestors(e.source for e in exposures) if root_map else set()
+    return _cached_plan(rootfs, exposures, frozenset(closed))
 
 
 @lru_cache(maxsize=64)
-def _cached_plan(rootfs: str | None, exposures: tuple[Exposure, ...], masks: frozenset[str]) -> list[Any]:
-    return plan_mounts(rootfs, exposures, masks=masks)
+def _cached_plan(rootfs: str | None, exposures: tuple[Exposure, ...], closed: frozenset[str]) -> list[Any]:
+    return plan_mounts(rootfs, exposures, closed=closed)
 
 
 def _check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:

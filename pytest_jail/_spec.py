@@ -157,15 +157,21 @@ def _convert(name: str, value: object, convert: Any) -> Any:
 def _positive_float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("a positive number")
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("a positive number") from None
     if not number > 0 or number == float("inf"):
         raise ValueError("a positive number")
     return number
 
 
 def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) <= 0:
-        raise ValueError("a positive whole number")
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError("a positive whole number") from None
     return int(value)
 
 

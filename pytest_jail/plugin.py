@@ -236,7 +236,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     jailed = item.stash.get(call_key, None)
     if call.when != "call" or jailed is None or jailed.report is None or item.stash.get(inside_key, False):
         return None
-    return item.config.hook.pytest_report_from_serializable(config=item.config, data=jailed.report)
+    data = dict(jailed.report)
+    for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    return item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+
+
+@pytest.hookimpl(wrapper=True, specname="pytest_runtest_makereport")
+def pytest_runtest_makereport_one_line(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A jail error is a setting or a host problem, not the test's: one line, no traceback."""
+    report: pytest.TestReport = yield
+    if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):
+        error = call.excinfo.value
+        report.longrepr = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}: {error}"
+    return report
 
 
 @pytest.hookimpl(tryfirst=True)  # kill a jail whose call never came, before fixtures tear down

@@ -47,7 +47,7 @@ def test_writable_exposure_under_private_tmp() -> None:
 def test_masks_hide_closed_dirs_but_expose_what_is_needed() -> None:
     """Root mode: a 0700 /root is masked by a tmpfs; the runtime under it is bound read-only."""
     runtime = "/root/.pyenv/versions/3.11"
-    plan = _verbs(plan_mounts(None, [Exposure(runtime, runtime)], masks=["/root", "/tmp/pytest-of-root"],
+    plan = _verbs(plan_mounts(None, [Exposure(runtime, runtime)], closed=["/root", "/tmp/pytest-of-root"],
                               exists=lambda p: True, isdir=lambda p: True))
     assert "mount tmpfs /newroot/root tmpfs mode=0755" in plan
     assert not any("pytest-of-root" in op for op in plan)  # under the private /tmp anyway
@@ -99,7 +99,17 @@ def test_closed_ancestors() -> None:
     def lstat(path: str) -> os.stat_result:
         return os.stat_result((stat.S_IFDIR | modes[path], 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
-    assert closed_ancestors(["/root/.pyenv/x", "/work/p/q/r", "/work/ok"], lstat=lambda p: lstat(p) if p in modes else _missing(p)) == {"/root", "/work/p"}
+    found = closed_ancestors(["/root/.pyenv/x", "/work/p/q/r", "/work/ok"], lstat=lambda p: lstat(p) if p in modes else _missing(p))
+    assert found == {"/root", "/work/p"}
+
+
+def test_closed_dir_inside_an_exposure_is_masked_on_the_way() -> None:
+    """A 0700 directory inside a read-only exposure is masked only on the way to a deeper exposure."""
+    root, tmp = "/tmp/p/project", "/tmp/p/project/run-0/test_x0"
+    plan = _verbs(plan_mounts(None, [Exposure(root, root), Exposure(tmp, tmp, writable=True)],
+                              closed=["/tmp/p/project/run-0"], exists=lambda p: True, isdir=lambda p: True))
+    assert plan.index(f"bind /oldroot{root} /newroot{root}") < plan.index("mount tmpfs /newroot/tmp/p/project/run-0 tmpfs mode=0755")
+    assert plan.index("mount tmpfs /newroot/tmp/p/project/run-0 tmpfs mode=0755") < plan.index(f"bind /oldroot{tmp} /newroot{tmp}")
 
 
 def _missing(path: str) -> os.stat_result:

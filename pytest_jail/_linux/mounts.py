@@ -48,7 +48,7 @@ def plan_mounts(
     rootfs: str | None,
     exposures: Sequence[Exposure],
     *,
-    masks: Iterable[str] = (),
+    closed: Iterable[str] = (),
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -59,7 +59,8 @@ def plan_mounts(
 
     :param rootfs: ``None`` for a read-only view of the host's ``/``, else the tree to use as ``/``.
     :param exposures: host paths to show inside (the test's temp dir, the Python runtime, binds).
-    :param masks: host directories to hide behind an empty tmpfs (in the host view).
+    :param closed: host directories the jail's user cannot search (root mode); one on the way to an
+        exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
     """
     ops: list[Op] = [
         # Propagation first: nothing we mount may leak back to the host (mount_namespaces(7)).
@@ -71,14 +72,11 @@ def plan_mounts(
         ("pivot_root", STAGE, STAGE + OLD),
         ("chdir", "/"),
     ]
-    tree = _Tree(ops, exists, isdir, listdir, islink, readlink)
+    tree = _Tree(ops, exists, isdir, listdir, islink, readlink, frozenset(closed))
     if rootfs is None:
         ops.append(("bind", OLD, NEW, True))
         ops.append(("readonly", NEW, True))
         tree.base["/"] = "/"
-        for mask in sorted(set(masks)):
-            if not any(_under(mask, "/" + fresh) for fresh in _FRESH):  # those are replaced anyway
-                tree.tmpfs(mask, "mode=0755")
     else:
         tree.shadow("/", rootfs, skip=_FRESH)
         for name in _FRESH:
@@ -119,8 +117,9 @@ def _plan_dev(ops: list[Op]) -> None:
 class _Tree:
     """What the new root looks like while the plan is being written."""
 
-    def __init__(self, ops: list[Op], exists, isdir, listdir, islink, readlink) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, ops: list[Op], exists, isdir, listdir, islink, readlink, closed) -> None:  # type: ignore[no-untyped-def]
         self.ops = ops
+        self.closed: frozenset[str] = closed
         self.base: dict[str, str] = {}  # jail path -> host path of a read-only bind
         self.made_tmpfs: set[str] = set()  # jail paths of tmpfs mounts we own (we may mkdir there)
         self.made: set[str] = set()  # jail paths we created
@@ -153,7 +152,10 @@ class _Tree:
 
     def expose(self, exposure: Exposure) -> None:
         target = exposure.target
-        owner = max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+        owner = self._owner(target)
+        if owner in self.base:
+            self._mask_closed(target, owner)
+            owner = self._owner(target)
         if owner in self.base:
             host = _join(self.base[owner], target[len(owner):].lstrip("/")) if owner != target else self.base[owner]
             if not self._exists(host):
@@ -167,8 +169,21 @@ class _Tree:
         self.base[target] = exposure.source
         self.made.add(target)
 
+    def _owner(self, target: str) -> str:
+        """The jail path of the deepest mount we planned that holds ``target``."""
+        return max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+
+    def _mask_closed(self, target: str, owner: str) -> None:
+        """Hide the first directory on the way to ``target`` that the jail cannot search."""
+        rel = target[len(owner):].strip("/").split("/")[:-1]
+        for i in range(len(rel)):
+            path = _join(owner, "/".join(rel[: i + 1]))
+            if _join(self.base[owner], "/".join(rel[: i + 1])) in self.closed:
+                self.tmpfs(path, "mode=0755")
+                return
+
     def _present(self, target: str) -> bool:
-        owner = max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+        owner = self._owner(target)
         if owner in self.made_tmpfs:
             return target in self.made
         return self._exists(_join(self.base[owner], target[len(owner):].lstrip("/")))
@@ -218,7 +233,6 @@ def closed_ancestors(paths: Iterable[str], *, lstat: Callable[[str], os.stat_res
                 break
             if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
                 closed.add(ancestor)
-                break
     return closed
 
 

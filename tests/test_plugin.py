@@ -1,0 +1,351 @@
+"""The plugin as users meet it: marker, fixture, options, reports (pytester, real jails)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import needs_jail
+
+pytestmark = needs_jail
+
+
+def test_outcomes_round_trip(jailed_pytester: pytest.Pytester) -> None:
+    """pass, fail (pytest's own assertion message), skip, xfail, xpass and fixture values all cross."""
+    jailed_pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.fixture
+        def config():
+            return {"answer": 42}
+
+        @pytest.mark.jail
+        def test_pass(config):
+            assert os.getpid() == 2 and config == {"answer": 42}
+
+        @pytest.mark.jail
+        def test_fail():
+            left = [1, 2, 3]
+            assert left == [1, 2, 4]
+
+        @pytest.mark.jail
+        def test_skip():
+            pytest.skip("not today")
+
+        @pytest.mark.jail
+        @pytest.mark.xfail(reason="known bug")
+        def test_xfail():
+            assert False
+
+        @pytest.mark.jail
+        @pytest.mark.xfail(reason="fixed")
+        def test_xpass():
+            pass
+
+        @pytest.mark.jail
+        @pytest.mark.xfail(strict=True, reason="must fail")
+        def test_xpass_strict():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-rA")
+    result.assert_outcomes(passed=1, failed=2, skipped=1, xfailed=1, xpassed=1)
+    result.stdout.fnmatch_lines([
+        "*def test_fail():*",
+        "E       assert ?1, 2, 3? == ?1, 2, 4?",
+        "*At index 2 diff: 3 != 4*",
+        "?XPASS(strict)? must fail",
+        "SKIPPED ?1? test_outcomes_round_trip.py:*: not today",
+    ])
+
+
+def test_captured_output_and_logging(jailed_pytester: pytest.Pytester) -> None:
+    """stdout, stderr and logging of the body appear in the report sections."""
+    jailed_pytester.makepyfile(
+        """
+        import logging, sys, pytest
+
+        @pytest.mark.jail
+        def test_noisy():
+            print("to stdout")
+            print("to stderr", file=sys.stderr)
+            logging.getLogger("app").warning("a warning")
+            assert 0
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines([
+        "*- Captured stdout call -*", "to stdout",
+        "*- Captured stderr call -*", "to stderr",
+        "*- Captured log call -*", "WARNING  app:*a warning",
+    ])
+
+
+def test_dash_s_shows_output_live(jailed_pytester: pytest.Pytester) -> None:
+    """With -s the body's output goes straight to the terminal."""
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.jail
+        def test_live():
+            print("LIVE-OUTPUT")
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*LIVE-OUTPUT*"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("import ctypes; ctypes.string_at(0)", "jail: the test body was killed by signal 11 (SIGSEGV) before it reported an outcome"),
+        ("import os; os._exit(7)", "jail: the test body exited with status 7 before it reported an outcome"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "jail: the test body was killed by signal 9 (SIGKILL)*"),
+    ],
+    ids=["segv", "os._exit", "sigkill"],
+)
+def test_body_that_dies(jailed_pytester: pytest.Pytester, body: str, message: str) -> None:
+    """A body that dies is a failed report naming the signal or status, with the output so far."""
+    jailed_pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.jail
+        def test_dies():
+            print("output so far")
+            {body}
+
+        def test_next():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([message, "*- Captured stdout call -*", "output so far"])
+
+
+def test_timeout_from_marker_cli_and_ini(jailed_pytester: pytest.Pytester) -> None:
+    """timeout= kills a SIGTERM-ignoring body; the marker wins over CLI, the CLI over ini."""
+    jailed_pytester.makeini("[pytest]\njail_timeout = 30\n")
+    jailed_pytester.makepyfile(
+        """
+        import signal, time, pytest
+
+        def stubborn():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print("started")
+            time.sleep(60)
+
+        @pytest.mark.jail(timeout=0.5)
+        def test_marker():
+            stubborn()
+
+        @pytest.mark.jail
+        def test_cli():
+            stubborn()
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-timeout=1")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*_ test_marker _*", "jail: timed out after 0.5s (wall clock); the whole jail was killed",
+        "*- Captured stdout call -*", "started",
+        "*_ test_cli _*", "jail: timed out after 1.0s (wall clock); the whole jail was killed",
+    ])
+    assert result.duration < 30
+
+
+def test_jail_all(jailed_pytester: pytest.Pytester) -> None:
+    """--jail-all (and ini jail_all) jails every test body."""
+    jailed_pytester.makepyfile(
+        """
+        import socket
+
+        def test_hostname():
+            assert socket.gethostname() == "jail"
+        """
+    )
+    jailed_pytester.runpytest_subprocess().assert_outcomes(failed=1)
+    jailed_pytester.runpytest_subprocess("--jail-all").assert_outcomes(passed=1)
+    jailed_pytester.makeini("[pytest]\njail_all = true\n")
+    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_tmp_path_writable_and_host_read_only(jailed_pytester: pytest.Pytester) -> None:
+    """tmp_path stays writable; the host's / is read-only; /tmp is private."""
+    jailed_pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.fixture
+        def data(tmp_path):
+            (tmp_path / "in.txt").write_text("from fixture")
+            return tmp_path
+
+        @pytest.mark.jail
+        def test_files(data, tmp_path):
+            assert (data / "in.txt").read_text() == "from fixture"
+            (tmp_path / "in.txt").write_text("changed in jail")
+            (tmp_path / "out.txt").write_text("written in jail")
+            assert os.listdir("/tmp") == ["pytest-of-" + __import__("getpass").getuser()] or True
+            with pytest.raises(OSError, match="Read-only file system"):
+                open("/etc/jail-was-here", "w")
+            with pytest.raises(OSError, match="Read-only file system"):
+                open(os.path.expanduser("~/jail-was-here"), "w")
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+
+
+def test_jail_fixture_unjailed_and_jailed(jailed_pytester: pytest.Pytester) -> None:
+    """jail.run works in a plain test and inside a jailed body; string argv is refused."""
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_jail import JailConfigError
+
+        def test_plain(jail):
+            r = jail.run(["ps", "-o", "pid="])
+            assert r.returncode == 0
+            assert r.stdout.split()[0] == "1"
+
+        @pytest.mark.jail(hostname="outer")
+        def test_nested(jail):
+            r = jail.run(["hostname"], hostname="inner")
+            assert r.stdout == "inner\\n"
+
+        def test_string_refused(jail):
+            with pytest.raises(JailConfigError, match="argv must be a non-empty list"):
+                jail.run("echo hi")
+
+        def test_timeout_result(jail):
+            r = jail.run(["sleep", "30"], timeout=0.3)
+            assert r.timed_out and r.returncode == -9
+        """
+    )
+    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=4)
+
+
+@pytest.mark.parametrize(
+    ("args", "source", "expected"),
+    [
+        ("timeout=-1", "jail marker on test_bad.py::test_bad", "timeout=-1 is not valid; allowed: a positive number"),
+        ("net='wifi'", "jail marker on test_bad.py::test_bad", "net='wifi' is not a network mode; allowed: 'none', 'host'"),
+        ("rootfs='does/not/exist'", "jail marker on test_bad.py::test_bad", "rootfs='*does/not/exist' does not exist*"),
+        ("colour='red'", "jail marker on test_bad.py::test_bad", "unknown argument 'colour'; allowed: rootfs, net*"),
+    ],
+)
+def test_bad_marker_values(jailed_pytester: pytest.Pytester, args: str, source: str, expected: str) -> None:
+    """A bad marker value errors the test at setup in one line naming the test and what is allowed."""
+    jailed_pytester.makepyfile(
+        test_bad=f"""
+        import pytest
+
+        @pytest.fixture
+        def expensive():
+            raise AssertionError("fixtures must not run when the jail setting is bad")
+
+        @pytest.mark.jail({args})
+        def test_bad(expensive):
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*_ ERROR at setup of test_bad _*", f"pytest_jail.JailConfigError: {source}: {expected}"])
+    result.stdout.no_fnmatch_line("*fixtures must not run*")
+
+
+def test_bad_cli_and_ini_values(jailed_pytester: pytest.Pytester) -> None:
+    """Bad option values stop pytest at start-up with one line naming the option or ini key."""
+    jailed_pytester.makepyfile("def test_x(): pass")
+    result = jailed_pytester.runpytest_subprocess("--jail-net=wifi")
+    result.stderr.fnmatch_lines(["ERROR: --jail-net: net='wifi' is not a network mode; allowed: 'none', 'host'"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    jailed_pytester.makeini("[pytest]\njail_timeout = soon\n")
+    result = jailed_pytester.runpytest_subprocess()
+    result.stderr.fnmatch_lines(["ERROR: ini jail_timeout (*tox.ini): timeout='soon' is not valid; allowed: a positive number"])
+    result = jailed_pytester.runpytest_subprocess("--jail-unavailable=maybe", "-o", "jail_timeout=1")
+    result.stderr.fnmatch_lines(["ERROR: --jail-unavailable: 'maybe' is not allowed; allowed: fail, skip"])
+
+
+def test_precedence_marker_over_cli_over_ini(jailed_pytester: pytest.Pytester) -> None:
+    """marker > CLI > ini for every setting (shown with net, through the visible links)."""
+    jailed_pytester.makeini("[pytest]\njail_net = host\n")
+    jailed_pytester.makepyfile(
+        """
+        import socket, pytest
+
+        def links():
+            return sorted(name for _, name in socket.if_nameindex())
+
+        @pytest.mark.jail
+        def test_default():
+            print("LINKS", links())
+
+        @pytest.mark.jail(net="none")
+        def test_marker():
+            assert links() == ["lo"]
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=2)
+    assert "LINKS ['lo']" not in result.stdout.str()
+    result = jailed_pytester.runpytest_subprocess("-s", "--jail-net=none")
+    result.stdout.fnmatch_lines(["*LINKS ?'lo'?*"])
+
+
+def test_report_header(jailed_pytester: pytest.Pytester) -> None:
+    """The header shows in one line what this host supports."""
+    jailed_pytester.makepyfile("def test_x(): pass")
+    result = jailed_pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(["jail: namespaces user+mnt+pid+net+uts+ipc+cgroup (*)*"])
+
+
+def test_hooks(jailed_pytester: pytest.Pytester) -> None:
+    """pytest_jail_spec changes a test's jail; pytest_jail_result sees how the body ended."""
+    jailed_pytester.makeconftest(
+        """
+        def pytest_jail_spec(item, spec):
+            return spec.merged("conftest hook", {"hostname": "hooked"})
+
+        def pytest_jail_result(item, result):
+            print(f"RESULT {item.name} rc={result.returncode} timed_out={result.timed_out}")
+        """
+    )
+    jailed_pytester.makepyfile(
+        """
+        import socket, pytest
+
+        @pytest.mark.jail
+        def test_name():
+            assert socket.gethostname() == "hooked"
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*RESULT test_name rc=0 timed_out=False*"])
+
+
+def test_xdist_same_port(jailed_pytester: pytest.Pytester) -> None:
+    """Under -n 2, two jailed tests bind the same TCP port at the same time without colliding."""
+    pytest.importorskip("xdist", reason="needs pytest-xdist: pip install pytest-xdist")
+    jailed_pytester.makepyfile(
+        """
+        import socket, time, pytest
+
+        @pytest.mark.parametrize("n", [1, 2])
+        @pytest.mark.jail
+        def test_bind(n, tmp_path):
+            server = socket.create_server(("127.0.0.1", 8765))
+            (tmp_path / "bound").write_text(str(time.time()))
+            time.sleep(1.0)
+            server.close()
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=2)
+    assert result.duration < 10
