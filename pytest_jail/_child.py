@@ -103,6 +103,8 @@ def helper_main(launch: Launch) -> NoReturn:
                 # Changing ids made us non-dumpable, which hands /proc/self to the host's root and
                 # would stop a jail nested in this one from writing its id map (prctl(2)).
                 launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)
+                # ...and cleared our parent-death signal (prctl(2)): set it again.
+                _die_with_parent(launch, launch.parent_pid)
             else:
                 _write_own_map(uid, gid)
         helper = os.getpid()
@@ -110,6 +112,7 @@ def helper_main(launch: Launch) -> NoReturn:
             pid = os.fork()
         if pid == 0:
             init_main(launch, helper)
+        _wire.send(launch.status_w, "init", pid=pid)  # the parent kills the jail through init
         _close(launch.status_w, launch.stdin, launch.stdout, launch.stderr)
         os.waitpid(pid, 0)
         code = 0

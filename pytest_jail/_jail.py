@@ -74,6 +74,30 @@ class _Run:
     messages: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     ended: float = 0.0
+    init: int | None = None  # a pidfd of the jail's init, once the helper names it
+
+    def receive(self, chunk: bytes) -> None:
+        for message in self.reader.feed(chunk):
+            if message["kind"] == "init" and self.init is None:
+                try:
+                    self.init = os.pidfd_open(message["pid"])
+                except ProcessLookupError:
+                    pass
+            self.messages.append(message)
+
+    def kill(self) -> None:
+        """SIGKILL the jail's init: the kernel then kills every process of its pid namespace.
+
+        The helper reaps init only once that is done, so waiting for the helper waits for the
+        whole tree. Before init is known, killing the helper makes init follow (PDEATHSIG).
+        """
+        try:
+            if self.init is not None:
+                signal.pidfd_send_signal(self.init, signal.SIGKILL)
+            elif self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @final
@@ -222,7 +246,7 @@ class Jail:
             if not chunk:
                 run.finished = True
                 return None
-            run.messages += run.reader.feed(chunk)
+            run.receive(chunk)
 
     def _collect(
         self,
@@ -252,7 +276,7 @@ class Jail:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if deadline is not None and wait == 0 and not timed_out:
                     timed_out = True
-                    _kill(run.pid)
+                    run.kill()
                     deadline = time.monotonic() + _KILL_GRACE
                     continue
                 events = sel.select(wait)
@@ -273,7 +297,7 @@ class Jail:
                     if not chunk:
                         sel.unregister(fd)
                     elif fd == run.status:
-                        run.messages += run.reader.feed(chunk)
+                        run.receive(chunk)
                     else:
                         outputs[fd] += chunk
         finally:
@@ -293,6 +317,9 @@ class Jail:
             _, _, rusage = os.wait4(run.pid, 0)
             run.rusage = rusage  # type: ignore[attr-defined]
             run.pid = 0
+            if run.init is not None:
+                os.close(run.init)
+                run.init = None
         for message in run.messages:
             if message["kind"] == "exit":
                 return int(message["status"])
@@ -349,8 +376,9 @@ class Call:
     def kill(self) -> None:
         """Kill the jail now (if still there) and reap it; safe to call twice."""
         if self._run.pid:
-            _kill(self._run.pid)
-            self._jail._collect(self._run, None)
+            self._run.kill()
+            if not self._run.finished:
+                self._jail._collect(self._run, None)
             self._jail._exit_status(self._run)
 
 
@@ -424,15 +452,6 @@ def _returncode(status: int | None) -> int:
 def _cpu_time(run: _Run) -> float | None:
     rusage = getattr(run, "rusage", None)
     return None if rusage is None else rusage.ru_utime + rusage.ru_stime
-
-
-def _kill(pid: int) -> None:
-    # The helper's death SIGKILLs init (PR_SET_PDEATHSIG), and init's death every process of
-    # its pid namespace: the whole jail goes, whatever the payload does with SIGTERM.
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _close_quietly(fd: int) -> None:

@@ -265,6 +265,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 def jail(request: pytest.FixtureRequest) -> Jail:
     """A :class:`Jail` built from this test's marker and the ini/CLI defaults: ``jail.run([...])``."""
     item = request.node
+    _guard(item, _host(item.config).require)
     spec = item.stash.get(spec_key, None) or _item_spec(item) or item.config.stash[base_spec_key]
     tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     return Jail(spec, exposures=_exposures(item, spec, tmp, body=False))

@@ -184,8 +184,9 @@ def test_timeout_kills_a_sigterm_ignoring_tree() -> None:
 def test_daemon_dies_with_the_jail() -> None:
     """A double-forked daemon does not outlive its jail."""
     tag = f"pj-daemon-{os.getpid()}"
-    result = Jail().run(["sh", "-c", f"(setsid sh -c 'exec -a {tag} sleep 60' &) ; echo spawned"])
-    assert result.stdout == "spawned\n"
+    result = Jail().run(["sh", "-c", f"(setsid bash -c 'exec -a {tag} sleep 60' &); sleep 0.2; "
+                                      f"ps -eo args | grep -c '^{tag}'"])
+    assert result.stdout == "1\n", result  # the daemon ran, detached, while the jail lived
     assert not [p for p in os.listdir("/proc") if p.isdigit() and tag in _cmdline(p)]
 
 

@@ -349,3 +349,45 @@ def test_xdist_same_port(jailed_pytester: pytest.Pytester) -> None:
     result = jailed_pytester.runpytest_subprocess("-n", "2", "-p", "xdist")
     result.assert_outcomes(passed=2)
     assert result.duration < 10
+
+
+@pytest.mark.skipif(__import__("shutil").which("unshare") is None, reason="needs util-linux unshare")
+def test_host_without_user_namespaces_errors_or_skips(jailed_pytester: pytest.Pytester) -> None:
+    """With user namespaces disabled (a real kernel limit), jailed tests error with cause and remedy
+    (or skip with --jail-unavailable=skip); they never run un-jailed; plain tests still pass."""
+    import subprocess
+    import sys
+
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.jail
+        def test_jailed():
+            raise AssertionError("ran un-jailed")
+
+        def test_run(jail):
+            jail.run(["true"])
+
+        def test_plain():
+            pass
+        """
+    )
+
+    def run(*args: str) -> str:
+        # In a child user namespace whose namespace limit is 0, as on a host with
+        # user.max_user_namespaces = 0; the limit is the kernel's, nothing is mocked.
+        script = "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\""
+        argv = ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh",
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args]
+        return subprocess.run(argv, cwd=jailed_pytester.path, capture_output=True, text=True).stdout
+
+    out = run()
+    assert "1 passed, 2 errors" in out, out
+    assert "ran un-jailed" not in out
+    assert "jail: unavailable on this host: user namespaces are disabled (user.max_user_namespaces = 0)" in out
+    assert ("JailUnavailableError: user namespaces are disabled (user.max_user_namespaces = 0); "
+            "run: sysctl -w user.max_user_namespaces=15000") in out
+    out = run("--jail-unavailable=skip")
+    assert "1 passed, 2 skipped" in out, out
+    assert "jail unavailable: user namespaces are disabled" in out

@@ -1,0 +1,73 @@
+"""A snapshot of what jails could leave on a host: processes, mounts, links, cgroups, temp dirs.
+
+``python tests/leftovers.py save FILE`` before a run and ``python tests/leftovers.py check FILE``
+after it fail loudly on anything new; the cleanup tests use :func:`snapshot` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _foreign_pid_ns_processes() -> set[str]:
+    """Processes in another pid namespace than ours: every jail process is one."""
+    ours = os.readlink("/proc/self/ns/pid")
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != ours:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.add(f"{pid} {cmdline}")
+        except OSError:
+            continue
+    return found
+
+
+def _jail_cgroups() -> set[str]:
+    found = set()
+    for top in ("/sys/fs/cgroup",):
+        for parent, dirs, _ in os.walk(top):
+            if parent.count("/") > 6:
+                dirs.clear()
+            found.update(os.path.join(parent, d) for d in dirs if "jail" in d)
+    return found
+
+
+def snapshot() -> dict[str, list[str]]:
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4] for line in f}
+    return {
+        "processes": sorted(_foreign_pid_ns_processes()),
+        "mounts": sorted(mounts),
+        "links": sorted(os.listdir("/sys/class/net")),
+        "cgroups": sorted(_jail_cgroups()),
+        "temp dirs": sorted(n for n in os.listdir("/tmp") if "jail" in n.lower()),
+    }
+
+
+def new_since(before: dict[str, list[str]], after: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """What ``after`` (default: now) holds that ``before`` did not, by kind; empty when clean."""
+    after = after or snapshot()
+    return {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after if set(after[kind]) - set(before[kind])}
+
+
+def main(argv: list[str]) -> int:
+    command, path = argv
+    if command == "save":
+        with open(path, "w") as f:
+            json.dump(snapshot(), f)
+        return 0
+    with open(path) as f:
+        leaked = new_since(json.load(f))
+    if leaked:
+        print(f"pytest-jail left things behind: {leaked}", file=sys.stderr)
+        return 1
+    print("leftovers: none (no new jail processes, mounts, links, cgroups or temp dirs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
