@@ -178,8 +178,7 @@ def payload_main(launch: Launch) -> NoReturn:
                 os.dup2(launch.stderr, 2)
             if devnull > 2:
                 os.close(devnull)
-        keep = {0, 1, 2, launch.status_w, launch.control_r}
-        _seal_descriptors(keep, close_all=launch.body is None)
+        _seal_descriptors(launch)
         with _step(launch, "cwd"):
             os.chdir(launch.cwd)
         launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -188,10 +187,12 @@ def payload_main(launch: Launch) -> NoReturn:
             launch.syscalls.drop_capabilities()
         if launch.body is None:
             assert launch.argv is not None
-            env = dict(os.environ) if launch.env is None else launch.env
+            env = os.environ if launch.env is None else launch.env
             with _step(launch, "exec"):
                 try:
-                    os.execvpe(launch.argv[0], list(launch.argv), env)
+                    if "/" in launch.argv[0]:
+                        os.execve(launch.argv[0], launch.argv, env)
+                    os.execvpe(launch.argv[0], launch.argv, env)
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
         gc.enable()
@@ -234,20 +235,25 @@ def _write_own_map(uid: int, gid: int) -> None:
         f.write(f"{gid} {gid} 1")
 
 
-def _seal_descriptors(keep: set[int], *, close_all: bool) -> None:
+def _seal_descriptors(launch: Launch) -> None:
     """Close what a command must not inherit.
 
-    For a command every descriptor but stdio and the wire is closed. For a test body (a fork of
-    pytest) the descriptors that fixture values hold must keep working, so they stay open but
-    close-on-exec; directory descriptors are closed, since ``openat(dirfd, "..")`` would walk out
-    of the jail's root.
+    For a command every descriptor but stdio and the wire (close-on-exec) is closed. For a test
+    body (a fork of pytest) the descriptors that fixture values hold must keep working, so they
+    stay open but close-on-exec; directory descriptors are closed, since ``openat(dirfd, "..")``
+    would walk out of the jail's root.
     """
+    keep = sorted({2, launch.status_w, launch.control_r})
+    if launch.body is None:
+        for low, high in zip(keep, [*keep[1:], 1 << 20]):
+            os.closerange(low + 1, high)  # close_range(2) underneath: one call per gap
+        return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd in keep:
+        if fd in keep or fd < 3:
             continue
         try:
-            if close_all or stat.S_ISDIR(os.fstat(fd).st_mode):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
                 os.close(fd)
             else:
                 os.set_inheritable(fd, False)

@@ -6,6 +6,7 @@ side is :mod:`pytest_jail._child`. The orchestration reads as a checklist in :me
 
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import signal
@@ -42,15 +43,25 @@ def in_initial_user_namespace() -> bool:
 
 def uses_root_map() -> bool:
     """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids."""
-    return os.geteuid() == 0 and in_initial_user_namespace()
+    return _root_map(os.getpid(), os.geteuid())
+
+
+@lru_cache(maxsize=4)
+def _root_map(pid: int, euid: int) -> bool:  # per process: a jailed body is a fork in another userns
+    return euid == 0 and in_initial_user_namespace()
 
 
 def runtime_paths() -> list[str]:
     """Where this Python's code lives: what a test body needs to import and format tracebacks."""
+    return list(_runtime_paths(tuple(sys.path), os.getcwd()))
+
+
+@lru_cache(maxsize=8)
+def _runtime_paths(path: tuple[str, ...], cwd: str) -> tuple[str, ...]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
-    paths.add(os.getcwd())
-    return _outermost(os.path.realpath(p) for p in paths)
+    paths.update(p for p in path if p and os.path.isdir(p))
+    paths.add(cwd)
+    return tuple(_outermost(os.path.realpath(p) for p in paths))
 
 
 def _outermost(paths: Any) -> list[str]:
@@ -213,7 +224,12 @@ class Jail:
             # Python 3.12 warns about fork() in a threaded process; the child never touches the
             # other threads' state: it only makes syscalls, then execs or runs the test body.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Frozen objects are never scanned by the child's garbage collector, which would
+            # otherwise touch, and so copy, every page of the heap (gc.freeze docs).
+            gc.freeze()
             pid = os.fork()
+        if pid:
+            gc.unfreeze()
         if pid == 0:
             launch.parent_fds += (status_r, control_w)
             _child.helper_main(launch)
@@ -230,10 +246,13 @@ class Jail:
             self._exit_status(run)
             self._raise_setup_error(run)
             raise JailSetupError("user namespace id map", None, "the helper ended before asking for its id map")
-        mapping = f"0 {ROOT_MAP_BASE} {ROOT_MAP_SIZE}"
+        mapping = f"0 {ROOT_MAP_BASE} {ROOT_MAP_SIZE}".encode()
         for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{run.pid}/{name}", "w") as f:
-                f.write(mapping)
+            fd = os.open(f"/proc/{run.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, mapping)
+            finally:
+                os.close(fd)
         os.write(run.control, b"m")
 
     def _next_message(self, run: _Run, kind: str) -> dict[str, Any] | None:
