@@ -391,3 +391,50 @@ def test_host_without_user_namespaces_errors_or_skips(jailed_pytester: pytest.Py
     out = run("--jail-unavailable=skip")
     assert "1 passed, 2 skipped" in out, out
     assert "jail unavailable: user namespaces are disabled" in out
+
+
+def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootfs: str) -> None:
+    """A body in rootfs=DIR sees that tree as / (via --jail-rootfs), imports its modules and fails
+    with a proper traceback, because the runtime and rootdir are bound in read-only."""
+    jailed_pytester.makepyfile(
+        helper="def answer():\n    return 41\n",
+        test_rootfs="""
+        import os, pytest
+        from helper import answer
+
+        @pytest.mark.jail
+        def test_world():
+            assert open("/etc/marker").read() == "from the rootfs\\n"
+            assert os.path.exists("/bin/busybox")
+            with pytest.raises(OSError, match="Read-only file system"):
+                open("/etc/new", "w")
+
+        @pytest.mark.jail
+        def test_traceback():
+            assert answer() == 42
+        """,
+    )
+    result = jailed_pytester.runpytest_subprocess(f"--jail-rootfs={busybox_rootfs}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*def test_traceback():*", ">*assert answer() == 42", "E*assert 41 == 42*"])
+
+
+def test_symlinked_rootfs_refused_at_setup(jailed_pytester: pytest.Pytester, tmp_path: "os.PathLike[str]") -> None:
+    """A rootfs whose /proc is a symlink to the host's is refused with one line, naming the marker."""
+    import os
+
+    root = os.path.join(tmp_path, "evil")
+    os.mkdir(root)
+    os.symlink("/proc", os.path.join(root, "proc"))
+    jailed_pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.jail(rootfs={root!r})
+        def test_x():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["pytest_jail.JailConfigError: jail marker on *: rootfs='*evil': */evil/proc is a symlink (to /proc)*"])
