@@ -13,14 +13,19 @@ import signal
 import stat
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
 from typing import NoReturn
 
 from . import _wire
 from ._linux import syscalls as sc
-from ._linux.mounts import Executor, Op
+from ._linux.mounts import Executor
+from ._linux.mounts import Op
 
 NAMESPACES = (
     sc.CLONE_NEWUSER  # created first when combined, so it owns all the others (user_namespaces(7))
@@ -48,7 +53,7 @@ class Launch:
     stderr: int | None = None
     argv: Sequence[str] | None = None  # a command to exec...
     env: dict[str, str] | None = None
-    body: Callable[[], None] | None = None  # ...or a function to call after "go"
+    body: Callable[[], Any] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     parent_pid: int = 0
@@ -191,8 +196,8 @@ def payload_main(launch: Launch) -> NoReturn:
             with _step(launch, "exec"):
                 try:
                     if "/" in launch.argv[0]:
-                        os.execve(launch.argv[0], launch.argv, env)
-                    os.execvpe(launch.argv[0], launch.argv, env)
+                        os.execve(launch.argv[0], list(launch.argv), env)
+                    os.execvpe(launch.argv[0], list(launch.argv), env)
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
         gc.enable()
@@ -245,7 +250,7 @@ def _seal_descriptors(launch: Launch) -> None:
     """
     keep = sorted({2, launch.status_w, launch.control_r})
     if launch.body is None:
-        for low, high in zip(keep, [*keep[1:], 1 << 20]):
+        for low, high in zip(keep, [*keep[1:], 1 << 20], strict=True):
             os.closerange(low + 1, high)  # close_range(2) underneath: one call per gap
         return
     for name in os.listdir("/proc/self/fd"):

@@ -14,14 +14,24 @@ import stat
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from functools import lru_cache
-from typing import Any, final
+from typing import Any
+from typing import final
 
-from . import _child, _wire
-from ._errors import JailConfigError, JailSetupError, JailUnavailableError
-from ._linux.mounts import OLD, Exposure, closed_ancestors, plan_mounts
+from . import _child
+from . import _wire
+from ._errors import JailConfigError
+from ._errors import JailSetupError
+from ._errors import JailUnavailableError
+from ._linux.mounts import OLD
+from ._linux.mounts import Exposure
+from ._linux.mounts import closed_ancestors
+from ._linux.mounts import plan_mounts
 from ._result import JailResult
 from ._spec import JailSpec
 
@@ -159,8 +169,13 @@ class Jail:
         in_r = in_w = None
         if input is not None:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        launch_kw = dict(argv=list(argv), env=None if env is None else dict(env),
-                         stdin=in_r, stdout=out_w, stderr=err_w)
+        launch_kw: dict[str, Any] = {
+            "argv": list(argv),
+            "env": None if env is None else dict(env),
+            "stdin": in_r,
+            "stdout": out_w,
+            "stderr": err_w,
+        }
         launch_kw["parent_fds"] = tuple(fd for fd in (out_r, err_r, in_w) if fd is not None)
         try:
             run = self._launch(spec, cwd=cwd, **launch_kw)
@@ -188,7 +203,7 @@ class Jail:
             timeout=spec.timeout,
         )._checked(check)
 
-    def start_call(self, body: Callable[[], None], *, cwd: str | None = None) -> Call:
+    def start_call(self, body: Callable[[], Any], *, cwd: str | None = None) -> Call:
         """Build a jail around a fork of this process; ``body`` runs when :meth:`Call.go` is called."""
         run = self._launch(self.spec, cwd=cwd, body=body)
         call = Call(self, run)

@@ -6,7 +6,8 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ._errors import JailSetupError, JailUnavailableError
+from ._errors import JailSetupError
+from ._errors import JailUnavailableError
 
 
 def _read(path: str) -> str | None:

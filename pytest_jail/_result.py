@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 
 def describe_status(returncode: int) -> str:

@@ -10,17 +10,28 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+from collections.abc import Generator
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from . import hooks
-from ._errors import JailConfigError, JailError, JailSetupError, JailUnavailableError
-from ._jail import Call, Jail, runtime_paths, uses_root_map, ROOT_MAP_BASE
+from ._errors import JailConfigError
+from ._errors import JailError
+from ._errors import JailSetupError
+from ._errors import JailUnavailableError
+from ._jail import ROOT_MAP_BASE
+from ._jail import Call
+from ._jail import Jail
+from ._jail import runtime_paths
+from ._jail import uses_root_map
 from ._linux.mounts import Exposure
-from ._probe import HostSupport, explain, probe_host
-from ._result import JailResult, describe_status
+from ._probe import HostSupport
+from ._probe import explain
+from ._probe import probe_host
+from ._result import JailResult
+from ._result import describe_status
 from ._spec import JailSpec
 
 # (option, ini name, spec field, help)
@@ -77,7 +88,7 @@ def _layers(config: pytest.Config) -> Iterator[tuple[str, dict[str, Any]]]:
     """The ini values, then the command-line values (later layers win)."""
     inidir = str(config.inipath.parent) if config.inipath else str(config.rootpath)
     cwd = str(config.invocation_params.dir)
-    for option, ini, field, _ in _OPTIONS:
+    for _option, ini, field, _ in _OPTIONS:
         value = config.getini(ini)
         if value:
             yield f"ini {ini} ({config.inipath})", {field: _relative(field, value, inidir)}
@@ -198,7 +209,8 @@ def _run_call(item: pytest.Item) -> dict[str, Any]:
         faulthandler.enable(file=sys.stderr)
     call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
     report = item.ihook.pytest_runtest_makereport(item=item, call=call)
-    return item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+    data: dict[str, Any] = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+    return data
 
 
 @pytest.hookimpl(tryfirst=True)  # the body already ran in the jail; pytest must not run it again
@@ -240,11 +252,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
-    return item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+    report: pytest.TestReport = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+    return report
 
 
 @pytest.hookimpl(wrapper=True, specname="pytest_runtest_makereport")
-def pytest_runtest_makereport_one_line(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+def pytest_runtest_makereport_one_line(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A jail error is a setting or a host problem, not the test's: one line, no traceback."""
     report: pytest.TestReport = yield
     if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import needs_jail
-from leftovers import new_since, snapshot
+from leftovers import new_since
+from leftovers import snapshot
 
 pytestmark = needs_jail
 

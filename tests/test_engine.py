@@ -9,9 +9,15 @@ import sys
 import threading
 
 import pytest
+from conftest import needs_jail
+from conftest import root_mode
+from conftest import rootless_mode
 
-from conftest import needs_jail, root_mode, rootless_mode
-from pytest_jail import Jail, JailConfigError, JailProcessError, JailSetupError, JailSpec
+from pytest_jail import Jail
+from pytest_jail import JailConfigError
+from pytest_jail import JailProcessError
+from pytest_jail import JailSetupError
+from pytest_jail import JailSpec
 from pytest_jail._jail import ROOT_MAP_BASE
 from pytest_jail._linux.mounts import Exposure
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
 from conftest import needs_jail
 
 pytestmark = needs_jail
@@ -419,10 +420,8 @@ def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootf
     result.stdout.fnmatch_lines(["*def test_traceback():*", ">*assert answer() == 42", "E*assert 41 == 42*"])
 
 
-def test_symlinked_rootfs_refused_at_setup(jailed_pytester: pytest.Pytester, tmp_path: "os.PathLike[str]") -> None:
+def test_symlinked_rootfs_refused_at_setup(jailed_pytester: pytest.Pytester, tmp_path: os.PathLike[str]) -> None:
     """A rootfs whose /proc is a symlink to the host's is refused with one line, naming the marker."""
-    import os
-
     root = os.path.join(tmp_path, "evil")
     os.mkdir(root)
     os.symlink("/proc", os.path.join(root, "proc"))

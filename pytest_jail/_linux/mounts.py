@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .syscalls import (
-    MNT_DETACH,
-    MOUNT_ATTR_RDONLY,
-    MS_BIND,
-    MS_NODEV,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_REC,
-    Syscalls,
-)
+from .syscalls import MNT_DETACH
+from .syscalls import MOUNT_ATTR_RDONLY
+from .syscalls import MS_BIND
+from .syscalls import MS_NODEV
+from .syscalls import MS_NOEXEC
+from .syscalls import MS_NOSUID
+from .syscalls import MS_PRIVATE
+from .syscalls import MS_REC
+from .syscalls import Syscalls
 
 STAGE = "/tmp"  # any directory that exists everywhere; a tmpfs goes over it in our mount ns only
 OLD = "/oldroot"
@@ -32,7 +33,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _FRESH = ("proc", "dev", "tmp", "sys")
 
 # An operation is a tuple: (verb, *arguments). Verbs are the methods of Executor.
-Op = tuple
+Op = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,16 @@ def _plan_dev(ops: list[Op]) -> None:
 class _Tree:
     """What the new root looks like while the plan is being written."""
 
-    def __init__(self, ops: list[Op], exists, isdir, listdir, islink, readlink, closed) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        ops: list[Op],
+        exists: Callable[[str], bool],
+        isdir: Callable[[str], bool],
+        listdir: Callable[[str], list[str]],
+        islink: Callable[[str], bool],
+        readlink: Callable[[str], str],
+        closed: frozenset[str],
+    ) -> None:
         self.ops = ops
         self.closed: frozenset[str] = closed
         self.base: dict[str, str] = {}  # jail path -> host path of a read-only bind
