@@ -61,7 +61,11 @@ class JailSetupError(JailError, OSError):
 
 
 class JailTimeoutError(JailError, TimeoutError):
-    """The wall-clock limit was reached and the whole jail was killed."""
+    """Waiting for a jail took longer than asked.
+
+    ``Jail.run`` does not raise it: a timed-out run returns a result with ``timed_out`` set, so
+    the output so far is kept (and ``check=True`` raises :class:`JailProcessError`).
+    """
 
 
 class JailProcessError(JailError, subprocess.CalledProcessError):

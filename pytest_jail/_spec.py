@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -202,7 +201,3 @@ def _check_rootfs(value: object) -> str:
             )
     return path
 
-
-def iter_spec_names() -> Iterable[str]:
-    """The keyword arguments the marker and ``jail.run`` accept."""
-    return (f.name for f in dataclasses.fields(JailSpec))

@@ -150,10 +150,14 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         _guard(item, _host(item.config).require)
     result = yield
     # After every fixture is set up, since their values must reach the body.
-    if spec is not None and isinstance(item, pytest.Function):
+    if spec is not None:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
         jail = Jail(spec, exposures=_exposures(item, spec, tmp, body=True))
         item.stash[call_key] = _guard(item, lambda: jail.start_call(lambda: _run_call(item)))
+        # From here on, this process runs the body by releasing the jail (the jail's own copy of
+        # the item, forked above, keeps the real runtest). Any kind of item: functions,
+        # unittest cases, doctests.
+        item.runtest = lambda: _release(item)  # type: ignore[method-assign]
     return result
 
 
@@ -213,12 +217,10 @@ def _run_call(item: pytest.Item) -> dict[str, Any]:
     return data
 
 
-@pytest.hookimpl(tryfirst=True)  # the body already ran in the jail; pytest must not run it again
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    call = pyfuncitem.stash.get(call_key, None)
-    if call is None or pyfuncitem.stash.get(inside_key, False):
-        return None
-    spec = pyfuncitem.stash[spec_key]
+def _release(item: pytest.Item) -> None:
+    """The call phase of a jailed item, in pytest's process: let the body run, wait for it."""
+    call = item.stash[call_key]
+    spec = item.stash[spec_key]
     assert spec is not None
     try:
         call.go()
@@ -226,21 +228,20 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     finally:
         call.kill()
     result = JailResult(
-        args=[pyfuncitem.nodeid],
+        args=[item.nodeid],
         returncode=call.returncode if call.returncode is not None else -9,
         timed_out=call.timed_out,
         timeout=spec.timeout,
         duration=call.duration,
         cpu_time=call.cpu_time,
     )
-    pyfuncitem.ihook.pytest_jail_result(item=pyfuncitem, result=result)
+    item.ihook.pytest_jail_result(item=item, result=result)
     if call.timed_out:
         pytest.fail(f"jail: {result.verdict()}", pytrace=False)
     if call.report is None:
         ending = describe_status(result.returncode)
         ending = f"was {ending}" if ending.startswith("killed") else ending
         pytest.fail(f"jail: the test body {ending} before it reported an outcome", pytrace=False)
-    return True
 
 
 @pytest.hookimpl(tryfirst=True)  # hand pytest the report the jail made, before it makes its own
@@ -273,6 +274,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     call = item.stash.get(call_key, None)
     if call is not None:
         del item.stash[call_key]
+        del item.runtest  # type: ignore[method-assign]  # back to the class's own
         call.kill()
 
 

@@ -437,3 +437,25 @@ def test_symlinked_rootfs_refused_at_setup(jailed_pytester: pytest.Pytester, tmp
     result = jailed_pytester.runpytest_subprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["pytest_jail.JailConfigError: jail marker on *: rootfs='*evil': */evil/proc is a symlink (to /proc)*"])
+
+
+def test_unittest_and_doctest_items_are_jailed_too(jailed_pytester: pytest.Pytester) -> None:
+    """--jail-all jails every kind of item, not only functions: a unittest case and a doctest."""
+    jailed_pytester.makepyfile(
+        test_kinds='''
+        import os, socket, unittest
+
+        def where():
+            """
+            >>> socket.gethostname(), os.getpid()
+            ('jail', 2)
+            """
+
+        class Case(unittest.TestCase):
+            def test_hostname(self):
+                self.assertEqual((socket.gethostname(), os.getpid()), ("jail", 2))
+        '''
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-all", "--doctest-modules")
+    result.assert_outcomes(passed=2)
+    jailed_pytester.runpytest_subprocess("--doctest-modules").assert_outcomes(failed=2)
