@@ -274,7 +274,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     call = item.stash.get(call_key, None)
     if call is not None:
         del item.stash[call_key]
-        del item.runtest  # type: ignore[method-assign]  # back to the class's own
+        del item.runtest  # back to the class's own
         call.kill()
 
 
