@@ -146,10 +146,13 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         if not launch.share_net:
             with _step(launch, "loopback up"):
                 launch.syscalls.link_up("lo")
-        with _step(launch, "fork payload"):
-            pid = os.fork()
-        if pid == 0:
-            payload_main(launch)
+        if launch.argv is not None:
+            pid = _spawn_command(launch)
+        else:
+            with _step(launch, "fork payload"):
+                pid = os.fork()
+            if pid == 0:
+                payload_main(launch)
         _close(launch.stdin, launch.stdout, launch.stderr)
         while True:  # reap everything; stop when the payload ends
             try:
@@ -169,18 +172,63 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         os._exit(1)
 
 
+# Python ignores SIGPIPE and may ignore others; a command starts with every signal at its default
+# (as subprocess's restore_signals does) and none blocked.
+_DEFAULT_SIGNALS = tuple(
+    s for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+)
+
+
+def _spawn_command(launch: Launch) -> int:
+    """Start the command as pid 2 with posix_spawn (a vfork: no copy of this process's memory).
+
+    What the command must start with is set up here in init, and inherited: the working
+    directory, no-new-privileges; stdio, a new session and default signals come from spawn's own
+    attributes. Every other descriptor is close-on-exec or closed by a file action.
+    """
+    assert launch.argv is not None
+    with _step(launch, "cwd"):
+        os.chdir(launch.cwd)
+    launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    with _step(launch, "stdio"):
+        stdin = launch.stdin if launch.stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0)]
+    if launch.stdout is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, launch.stdout, 1))
+    if launch.stderr is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, launch.stderr, 2))
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in (launch.stdin, launch.stdout, launch.stderr, stdin) and _inheritable(fd):
+            actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    env = os.environ if launch.env is None else launch.env
+    with _step(launch, "exec"):
+        try:
+            return os.posix_spawnp(
+                launch.argv[0], list(launch.argv), env, file_actions=actions, setsid=True,
+                setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False
+
+
 def payload_main(launch: Launch) -> NoReturn:
-    """pid 2: a new session, clean descriptors, then exec the command or call the body."""
+    """pid 2 for a test body: a new session, sealed descriptors, then wait for "go" and run it."""
+    assert launch.body is not None
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setsid()
         with _step(launch, "stdio"):
             devnull = os.open("/dev/null", os.O_RDWR)
-            os.dup2(launch.stdin if launch.stdin is not None else devnull, 0)
-            if launch.stdout is not None:
-                os.dup2(launch.stdout, 1)
-            if launch.stderr is not None:
-                os.dup2(launch.stderr, 2)
+            os.dup2(devnull, 0)
             if devnull > 2:
                 os.close(devnull)
         _seal_descriptors(launch)
@@ -190,16 +238,6 @@ def payload_main(launch: Launch) -> NoReturn:
         if not launch.root_map:
             # Rootless: the jail runs as the caller's own uid, with no capabilities.
             launch.syscalls.drop_capabilities()
-        if launch.body is None:
-            assert launch.argv is not None
-            env = os.environ if launch.env is None else launch.env
-            with _step(launch, "exec"):
-                try:
-                    if "/" in launch.argv[0]:
-                        os.execve(launch.argv[0], list(launch.argv), env)
-                    os.execvpe(launch.argv[0], list(launch.argv), env)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
         gc.enable()
         _wire.send(launch.status_w, "ready")
         if os.read(launch.control_r, 1) != b"g":
@@ -212,7 +250,6 @@ def payload_main(launch: Launch) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
         _wire.send(launch.status_w, "report", data=outcome)
-        sys.stderr.flush()
         os._exit(0)
     except _StepFailed:
         os._exit(127)
@@ -241,18 +278,13 @@ def _write_own_map(uid: int, gid: int) -> None:
 
 
 def _seal_descriptors(launch: Launch) -> None:
-    """Close what a command must not inherit.
+    """Keep a test body's descriptors from leaking.
 
-    For a command every descriptor but stdio and the wire (close-on-exec) is closed. For a test
-    body (a fork of pytest) the descriptors that fixture values hold must keep working, so they
-    stay open but close-on-exec; directory descriptors are closed, since ``openat(dirfd, "..")``
-    would walk out of the jail's root.
+    The body is a fork of pytest: the descriptors that fixture values hold must keep working, so
+    they stay open but become close-on-exec (nothing the body runs inherits them); directory
+    descriptors are closed, since ``openat(dirfd, "..")`` would walk out of the jail's root.
     """
-    keep = sorted({2, launch.status_w, launch.control_r})
-    if launch.body is None:
-        for low, high in zip(keep, [*keep[1:], 1 << 20], strict=True):
-            os.closerange(low + 1, high)  # close_range(2) underneath: one call per gap
-        return
+    keep = {launch.status_w, launch.control_r}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd in keep or fd < 3:

@@ -240,3 +240,18 @@ def test_rootfs_pivot_root_and_unchanged_tree(busybox_rootfs: str) -> None:
     ps_lines = result.stdout.strip().split("\n")[-3:]
     assert ps_lines[0].split()[0] == "PID" and ps_lines[1].split()[0] == "1"
     assert _tree_digest(busybox_rootfs) == before
+
+
+def test_command_starts_with_default_signals() -> None:
+    """Python ignores SIGPIPE; a command in the jail starts with it at its default, as subprocess does."""
+    out = sh("grep -E '^Sig(Ign|Blk)' /proc/self/status")
+    masks = {line.split(":")[0]: int(line.split()[1], 16) for line in out.split("\n") if line}
+    assert not masks["SigIgn"] & (1 << (13 - 1))  # SIGPIPE
+    assert masks["SigBlk"] == 0
+    assert signal_ignored_here(13)  # ...while pytest's own process ignores it
+
+
+def signal_ignored_here(signum: int) -> bool:
+    with open("/proc/self/status") as f:
+        ign = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn"))
+    return bool(ign & (1 << (signum - 1)))
