@@ -1,0 +1,87 @@
+"""What every cgroup backend provides: a group per jail with limits, usage, kill and removal."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one jail; ``None`` means no limit of that kind."""
+
+    memory: int | None = None  # bytes, swap included
+    cpus: float | None = None  # cores of CPU bandwidth
+    pids: int | None = None  # tasks (processes and threads) alive at once
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a jail used, read from its cgroup's own counters."""
+
+    peak_memory: int | None
+    cpu_time: float | None
+    oom_kills: int
+    pids_denied: int  # forks refused at the pids limit
+
+
+class Group(Protocol):
+    """One jail's cgroup (one directory per controller on v1)."""
+
+    @property
+    def procs_files(self) -> list[str]:
+        """Where a process writes its pid to join the group."""
+        ...
+
+    def apply(self, limits: Limits) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    def kill(self) -> None:
+        """SIGKILL every process in the group, race-free against forks."""
+        ...
+
+    def remove(self) -> None: ...
+
+
+CPU_PERIOD_US = 100_000
+
+
+def write(path: str, value: str) -> None:
+    """Write one cgroup file; the error names the file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def keyed(path: str) -> dict[str, int]:
+    """``key value`` lines (memory.events, cpu.stat, pids.events) as a dict."""
+    try:
+        text = read(path)
+    except FileNotFoundError:
+        return {}
+    return {k: int(v) for k, v in (line.split()[:2] for line in text.splitlines() if line.strip())}
+
+
+def rmdir_when_empty(path: str, timeout: float = 5.0) -> None:
+    """Remove a group directory; its last processes may need a moment to be released."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
