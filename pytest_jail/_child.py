@@ -56,6 +56,7 @@ class Launch:
     body: Callable[[], Any] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
+    cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
     parent_pid: int = 0
     syscalls: sc.Syscalls = field(default_factory=sc.Syscalls)
 
@@ -90,6 +91,12 @@ def helper_main(launch: Launch) -> NoReturn:
         _die_with_parent(launch, launch.parent_pid)
         flags = NAMESPACES | (0 if launch.share_net else sc.CLONE_NEWNET)
         uid, gid = os.geteuid(), os.getegid()  # after unshare they read as the overflow id
+        with _step(launch, "join cgroup"):
+            # Before unshare, so the new cgroup namespace is rooted at the jail's own group, and
+            # before any fork, so every process of the jail is born in it.
+            for procs in launch.cgroup_procs:
+                _write(procs, b"0")
+            _write("/proc/self/oom_score_adj", b"1000")  # a jail is the first OOM victim, never pytest
         with _step(launch, "unshare"):
             launch.syscalls.unshare(flags)
         with _step(launch, "open bind sources"):
@@ -296,6 +303,14 @@ def _seal_descriptors(launch: Launch) -> None:
                 os.set_inheritable(fd, False)
         except OSError:
             pass
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _close(*fds: int | None) -> None:

@@ -25,6 +25,11 @@ from typing import final
 
 from . import _child
 from . import _wire
+from ._cgroups import Group
+from ._cgroups import Limits
+from ._cgroups import Usage
+from ._cgroups.manager import Unavailable
+from ._cgroups.manager import manager
 from ._errors import JailConfigError
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
@@ -96,6 +101,9 @@ class _Run:
     finished: bool = False
     ended: float = 0.0
     init: int | None = None  # a pidfd of the jail's init, once the helper names it
+    group: Group | None = None  # the jail's cgroup, removed when the jail is gone
+    usage: Usage | None = None
+    rusage_cpu: float | None = None
 
     def receive(self, chunk: bytes) -> None:
         for message in self.reader.feed(chunk):
@@ -119,6 +127,8 @@ class _Run:
                 os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if self.group is not None:
+            self.group.kill()  # and whatever else is in its cgroup, in one go
 
 
 @final
@@ -201,6 +211,7 @@ class Jail:
             duration=time.monotonic() - run.started,
             cpu_time=_cpu_time(run),
             timeout=spec.timeout,
+            **_usage_fields(run, spec),
         )._checked(check)
 
     def start_call(self, body: Callable[[], Any], *, cwd: str | None = None) -> Call:
@@ -213,7 +224,7 @@ class Jail:
     # -- the checklist ------------------------------------------------------------------------
 
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
-        check_supported(spec)
+        group = _cgroup_for(spec)
         root_map = uses_root_map()
         if root_map:
             _check_readable_by_jail(self.exposures)
@@ -230,6 +241,7 @@ class Jail:
             control_r=control_r,
             parent_pid=os.getpid(),
             sources=_bind_sources(plan) if root_map else {},
+            cgroup_procs=group.procs_files if group is not None else [],
             **payload,
         )
         if payload.get("env") is None and spec.env is not None:
@@ -250,7 +262,7 @@ class Jail:
             _child.helper_main(launch)
         for fd in (status_w, control_r):
             os.close(fd)
-        run = _Run(pid, status_r, control_w, started)
+        run = _Run(pid, status_r, control_w, started, group=group)
         if root_map:
             self._write_root_map(run)
         return run
@@ -349,8 +361,13 @@ class Jail:
         """Reap the helper; return the payload's raw wait status if it ran to the end."""
         if run.pid:
             _, _, rusage = os.wait4(run.pid, 0)
-            run.rusage = rusage  # type: ignore[attr-defined]
+            run.rusage_cpu = rusage.ru_utime + rusage.ru_stime
             run.pid = 0
+            if run.group is not None:
+                run.usage = run.group.usage()
+                run.group.kill()
+                run.group.remove()
+                run.group = None
             if run.init is not None:
                 os.close(run.init)
                 run.init = None
@@ -399,6 +416,18 @@ class Call:
     def duration(self) -> float:
         return self._run.ended - self._run.started
 
+    def result(self, args: list[str], spec: JailSpec) -> JailResult:
+        """How the body's jail ended, with what its cgroup counted."""
+        return JailResult(
+            args=args,
+            returncode=self.returncode if self.returncode is not None else -signal.SIGKILL,
+            timed_out=self.timed_out,
+            timeout=spec.timeout,
+            duration=self.duration,
+            cpu_time=self.cpu_time,
+            **_usage_fields(self._run, spec),
+        )
+
     @property
     def cpu_time(self) -> float | None:
         return _cpu_time(self._run)
@@ -416,15 +445,25 @@ class Call:
             self._jail._exit_status(self._run)
 
 
-def check_supported(spec: JailSpec) -> None:
-    """Refuse what this version cannot enforce; a limit is never silently ignored."""
-    if spec.limits:
-        names = ", ".join(spec.limits)
-        raise JailUnavailableError(
-            f"resource limits ({names}) need the cgroup support that this version of "
-            "pytest-jail does not have yet",
-            f"remove {names} from the jail's settings, or use a pytest-jail release with limits",
-        )
+#: The process cap of a jail that names none: a fork bomb stops here, not at the host's limit.
+DEFAULT_PIDS = 4096
+
+
+def _cgroup_for(spec: JailSpec) -> Group | None:
+    """The jail's cgroup with its limits applied; ``None`` where cgroups are unavailable and no
+    limit was asked for. A limit is never silently ignored."""
+    try:
+        cgroups = manager()
+    except Unavailable as exc:
+        if spec.limits:
+            names = ", ".join(spec.limits)
+            raise JailUnavailableError(f"cannot enforce {names}: {exc.reason}", exc.remedy) from None
+        return None
+    limits = Limits(memory=spec.memory, cpus=spec.cpus, pids=spec.pids or DEFAULT_PIDS)
+    try:
+        return cgroups.new_group(limits)
+    except OSError as exc:
+        raise JailSetupError("cgroup", exc.errno, exc.strerror or str(exc), exc.filename) from None
 
 
 def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
@@ -483,9 +522,22 @@ def _returncode(status: int | None) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _usage_fields(run: _Run, spec: JailSpec) -> dict[str, Any]:
+    """What the jail's cgroup counted, as JailResult fields."""
+    usage = run.usage
+    if usage is None:
+        return {}
+    return {
+        "oom_killed": usage.oom_kills > 0,
+        "peak_memory": usage.peak_memory,
+        "pids_limit_hit": usage.pids_denied,
+        "memory_limit": spec.memory,
+        "pids_limit": spec.pids or DEFAULT_PIDS,
+    }
+
+
 def _cpu_time(run: _Run) -> float | None:
-    rusage = getattr(run, "rusage", None)
-    return None if rusage is None else rusage.ru_utime + rusage.ru_stime
+    return run.usage.cpu_time if run.usage is not None and run.usage.cpu_time is not None else run.rusage_cpu
 
 
 def _close_quietly(fd: int) -> None:

@@ -37,11 +37,20 @@ class HostSupport:
             if self.mode == "root"
             else f"rootless, jail runs as uid {os.geteuid()}"
         )
-        return f"jail: namespaces user+mnt+pid+net+uts+ipc+cgroup ({who}); limits: not yet"
+        return f"jail: namespaces user+mnt+pid+net+uts+ipc+cgroup ({who}); {_limits_summary()}"
 
     def require(self) -> None:
         if not self.ok:
             raise JailUnavailableError(self.reason, self.remedy)
+
+
+def _limits_summary() -> str:
+    from ._cgroups.manager import Unavailable, manager
+
+    try:
+        return f"limits: {manager().layout.describe()}"
+    except Unavailable as exc:
+        return f"limits: unavailable ({exc.reason})"
 
 
 def probe_host() -> HostSupport:

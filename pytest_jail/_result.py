@@ -6,6 +6,16 @@ import signal
 from dataclasses import dataclass
 from dataclasses import field
 
+from ._spec import format_size
+
+
+def format_size_rounded(size: int) -> str:
+    """67100000 -> ``"64.0M"``: for measured sizes, which are rarely round."""
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("k", 1024)):
+        if size >= scale:
+            return format_size(size) if size % scale == 0 else f"{size / scale:.1f}{unit}"
+    return str(size)
+
 
 def describe_status(returncode: int) -> str:
     """``-9`` -> ``killed by signal 9 (SIGKILL)``; ``3`` -> ``exited with status 3``."""
@@ -35,14 +45,22 @@ class JailResult:
     duration: float = 0.0
     peak_memory: int | None = None
     cpu_time: float | None = None
+    pids_limit_hit: int = 0  # forks refused at the process limit
     timeout: float | None = field(default=None, repr=False)
+    memory_limit: int | None = field(default=None, repr=False)
+    pids_limit: int | None = field(default=None, repr=False)
 
     def verdict(self) -> str:
         """One line saying how the jail ended, as the report shows it."""
         if self.timed_out:
             return f"timed out after {self.timeout}s (wall clock); the whole jail was killed"
         if self.oom_killed:
-            return "killed by the OOM killer"
+            limit = "" if self.memory_limit is None else f"memory limit {format_size(self.memory_limit)}, "
+            peak = "unknown" if self.peak_memory is None else format_size_rounded(self.peak_memory)
+            return f"killed by the OOM killer ({limit}peak {peak})"
+        if self.pids_limit_hit:
+            return (f"process limit reached (pids {self.pids_limit}): fork failed {self.pids_limit_hit} "
+                    f"time{'s' if self.pids_limit_hit != 1 else ''}; {describe_status(self.returncode)}")
         return describe_status(self.returncode)
 
     def check_returncode(self) -> None:

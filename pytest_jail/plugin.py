@@ -39,6 +39,9 @@ _OPTIONS = (
     ("--jail-rootfs", "jail_rootfs", "rootfs", "default rootfs of jails: a directory used as /"),
     ("--jail-net", "jail_net", "net", "default network of jails: none or host"),
     ("--jail-timeout", "jail_timeout", "timeout", "default wall-clock limit of jails, in seconds"),
+    ("--jail-memory", "jail_memory", "memory", "default memory limit of jails (swap included), e.g. 256M"),
+    ("--jail-cpus", "jail_cpus", "cpus", "default CPU bandwidth of jails, in cores, e.g. 0.5"),
+    ("--jail-pids", "jail_pids", "pids", "default process limit of jails (default 4096)"),
 )
 
 base_spec_key = pytest.StashKey[JailSpec]()
@@ -46,6 +49,7 @@ host_key = pytest.StashKey[HostSupport]()
 spec_key = pytest.StashKey["JailSpec | None"]()
 call_key = pytest.StashKey[Call]()
 inside_key = pytest.StashKey[bool]()
+result_key = pytest.StashKey[JailResult]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -68,7 +72,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "jail(rootfs=None, *, net='none', timeout=None, hostname='jail', env=None, binds=()): "
+        "jail(rootfs=None, *, net='none', memory=None, cpus=None, pids=None, timeout=None, "
+        "hostname='jail', env=None, binds=()): "
         "run the test body in a freshly cloned Linux jail (pytest-jail)",
     )
     spec = JailSpec()
@@ -227,16 +232,14 @@ def _release(item: pytest.Item) -> None:
         call.wait(spec.timeout)
     finally:
         call.kill()
-    result = JailResult(
-        args=[item.nodeid],
-        returncode=call.returncode if call.returncode is not None else -9,
-        timed_out=call.timed_out,
-        timeout=spec.timeout,
-        duration=call.duration,
-        cpu_time=call.cpu_time,
-    )
+    item.stash[result_key] = result = call.result([item.nodeid], spec)
+    item.user_properties += [  # JUnit XML writes them (it reads the item's, at teardown)
+        ("jail_wall_time", round(result.duration, 6)),
+        ("jail_cpu_time", None if result.cpu_time is None else round(result.cpu_time, 6)),
+        ("jail_peak_memory", result.peak_memory),
+    ]
     item.ihook.pytest_jail_result(item=item, result=result)
-    if call.timed_out:
+    if call.timed_out or (call.report is None and (result.oom_killed or result.pids_limit_hit)):
         pytest.fail(f"jail: {result.verdict()}", pytrace=False)
     if call.report is None:
         ending = describe_status(result.returncode)
@@ -254,7 +257,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
     report: pytest.TestReport = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+    result = item.stash.get(result_key, None)
+    if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
+        report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
     return report
+
+
+class _Headed:
+    """A failure report with one line of what the jail stopped on top."""
+
+    def __init__(self, line: str, inner: object) -> None:
+        self.line, self.inner = line, inner
+
+    def toterminal(self, tw: Any) -> None:
+        tw.line(self.line, red=True, bold=True)
+        if hasattr(self.inner, "toterminal"):
+            self.inner.toterminal(tw)
+        else:
+            tw.line(str(self.inner))
+
+    def __str__(self) -> str:
+        return f"{self.line}\n{self.inner}"
 
 
 @pytest.hookimpl(wrapper=True, specname="pytest_runtest_makereport")

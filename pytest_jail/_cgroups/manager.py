@@ -1,0 +1,192 @@
+"""Per-process parent groups for jails, their creation, and the clean-up of stale ones.
+
+Jails of one process live in ``<our own group>/pytest-jail.<pid>.<token>/`` under each controller
+(so the limits of whatever runs us, a CI job or an xdist worker's pytest, still apply), each in a
+group named ``j<n>`` that is removed when the jail ends. A parent left by a killed run is found at
+the next start by its dead owner pid, emptied and removed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import secrets
+from collections.abc import Iterator
+
+from .base import Group
+from .base import Limits
+from .base import rmdir_when_empty
+from .detect import Layout
+from .detect import detect
+from .v1 import CONTROLLERS as V1_CONTROLLERS
+from .v1 import V1Group
+from .v2 import V2Group
+
+PREFIX = "pytest-jail."
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+class Unavailable(Exception):
+    """cgroups cannot be used here: ``reason`` and ``remedy``."""
+
+    def __init__(self, reason: str, remedy: str) -> None:
+        super().__init__(reason, remedy)
+        self.reason, self.remedy = reason, remedy
+
+
+class Manager:
+    """Creates the groups of this process's jails."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.name = f"{PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+        self._counter = itertools.count(1)
+        self.parents: dict[str, str] = {}
+        self.v2_parent: str | None = None
+        if layout.kind in ("v1", "hybrid"):
+            self._make_v1_parents()
+        elif layout.kind == "v2":
+            self._make_v2_parent()
+        else:
+            raise Unavailable("this host has no cgroup hierarchy mounted", "mount cgroup2 at /sys/fs/cgroup")
+
+    def _make_v1_parents(self) -> None:
+        missing = [c for c in (*V1_CONTROLLERS, "cpu") if c not in self.layout.v1]
+        if missing:
+            raise Unavailable(f"the v1 cgroup controllers {', '.join(missing)} are not mounted",
+                              "mount them under /sys/fs/cgroup, or boot with cgroup v2")
+        for controller, own in self.layout.v1.items():
+            if controller not in (*V1_CONTROLLERS, "cpu"):
+                continue
+            clean_stale(own)
+            path = os.path.join(own, self.name)
+            try:
+                os.mkdir(path)
+            except OSError:
+                self.close()
+                raise Unavailable(
+                    f"cannot create cgroups under {own} (v1 cgroups are not delegated to uid {os.geteuid()})",
+                    "run pytest as root for limits on a cgroup v1 host, or boot the host with cgroup v2",
+                ) from None
+            self.parents[controller] = path
+
+    def _make_v2_parent(self) -> None:
+        own = self.layout.v2
+        assert own is not None
+        missing = [c for c in V2_CONTROLLERS if c not in self.layout.v2_controllers]
+        if missing:
+            raise Unavailable(
+                f"the cgroup v2 controllers {', '.join(missing)} are not delegated to {own}",
+                "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
+            )
+        clean_stale(own)
+        path = os.path.join(own, self.name)
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join(f"+{c}" for c in V2_CONTROLLERS))
+        except OSError:
+            raise Unavailable(
+                f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
+                "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
+            ) from None
+        self.v2_parent = path
+
+    def new_group(self, limits: Limits) -> Group:
+        """A fresh group for one jail, with ``limits`` applied."""
+        name = f"j{next(self._counter)}"
+        group: Group
+        if self.v2_parent is not None:
+            group = V2Group(self.v2_parent, name)
+        else:
+            group = V1Group(self.parents, name, cpu=limits.cpus is not None)
+        try:
+            group.apply(limits)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def close(self) -> None:
+        """Remove this process's parent groups (their jails are gone by now)."""
+        if os.getpid() != int(self.name.split(".")[1]):
+            return  # a forked child: the parent owns them
+        for path in [*self.parents.values(), *([self.v2_parent] if self.v2_parent else [])]:
+            _remove_tree(path)
+        self.parents.clear()
+        self.v2_parent = None
+
+
+def clean_stale(own: str) -> None:
+    """Empty and remove parents left by runs whose process is gone (killed, crashed)."""
+    try:
+        names = os.listdir(own)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name.split(".")[1])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            _remove_tree(os.path.join(own, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: str) -> None:
+    for child in _children_first(path):
+        procs = os.path.join(child, "cgroup.procs")
+        try:
+            for pid in open(procs).read().split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+        except OSError:
+            pass
+        try:
+            rmdir_when_empty(child, timeout=2.0)
+        except OSError:
+            pass
+
+
+def _children_first(path: str) -> Iterator[str]:
+    try:
+        entries = [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        yield from _children_first(entry.path)
+    yield path
+
+
+_manager: Manager | None = None
+_failure: Unavailable | None = None
+
+
+def manager() -> Manager:
+    """This process's manager, made on first use; raises :class:`Unavailable` with the cause."""
+    global _manager, _failure
+    if _manager is not None and _manager.name.split(".")[1] == str(os.getpid()):
+        return _manager
+    if _failure is not None:
+        raise _failure
+    try:
+        _manager = Manager(detect())
+    except Unavailable as exc:
+        _failure = exc
+        raise
+    atexit.register(_manager.close)
+    return _manager

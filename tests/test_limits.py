@@ -1,0 +1,157 @@
+"""Resource limits on the real kernel: OOM named from the cgroup's counters, fork and thread bombs
+contained, CPU throttled, accounting in reports (issue 3; runs on this host's cgroup layout)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from conftest import needs_jail
+from pytest_jail import Jail, JailSpec
+from pytest_jail._cgroups.manager import Unavailable, manager
+
+try:
+    manager()
+    _CGROUPS = ""
+except Unavailable as exc:
+    _CGROUPS = f"{exc.reason}; {exc.remedy}"
+
+pytestmark = [needs_jail, pytest.mark.skipif(bool(_CGROUPS), reason=_CGROUPS or "-")]
+
+PY = [sys.executable, "-c"]
+
+
+def _python_jail(**spec: object) -> Jail:
+    from pytest_jail._jail import runtime_paths
+    from pytest_jail._linux.mounts import Exposure
+
+    return Jail(JailSpec(**spec), exposures=[Exposure(p, p) for p in runtime_paths()])  # type: ignore[arg-type]
+
+
+def test_memory_hog_is_oom_killed_and_named() -> None:
+    """A 200M allocation in a 64M jail is killed by the OOM killer, read from the cgroup's counters."""
+    result = _python_jail(memory="64M").run([*PY, "x = bytearray(200 << 20); print('survived')"])
+    assert result.oom_killed and result.returncode == -9
+    assert "survived" not in result.stdout
+    assert result.verdict() == "killed by the OOM killer (memory limit 64M, peak 64M)"
+    after = Jail().run(["true"])  # pytest and the next jail are unaffected
+    assert (after.returncode, after.oom_killed) == (0, False)
+
+
+def test_gradual_hog_is_stopped_at_the_limit() -> None:
+    """A process that grows 1M at a time is stopped at the limit, not left to thrash."""
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))"
+    result = _python_jail(memory="48M").run([*PY, code], timeout=60)
+    assert result.oom_killed and not result.timed_out
+    assert result.peak_memory is not None and result.peak_memory <= 48 << 20
+
+
+def _host_process_count() -> int:
+    return sum(1 for p in os.listdir("/proc") if p.isdigit())
+
+
+def test_fork_bomb_is_contained() -> None:
+    """A shell fork bomb under pids=64 hits the limit; the host's process count is unchanged after."""
+    before = _host_process_count()
+    result = Jail(JailSpec(pids=64)).run(["bash", "-c", "b() { b | b & }; b; sleep 1"], timeout=5)
+    assert result.pids_limit_hit > 0
+    assert result.verdict().startswith("process limit reached (pids 64): fork failed ")
+    assert abs(_host_process_count() - before) < 5  # give or take this machine's own activity
+
+
+def test_thread_bomb_is_contained() -> None:
+    """Threads count against pids too: a thread bomb gets an error, not the host's threads."""
+    code = (
+        "import threading, time\nn = 0\ntry:\n    while True:\n"
+        "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); n += 1\n"
+        "except RuntimeError as e:\n    print('stopped at', n, e)\n"
+    )
+    result = _python_jail(pids=32).run([*PY, code], timeout=30)
+    assert "stopped at" in result.stdout, result
+    assert int(result.stdout.split()[2]) < 32
+    assert result.pids_limit_hit > 0
+
+
+def test_cpu_limit_throttles() -> None:
+    """cpus=0.5: a spinner gets about half a core: CPU time is about half the wall time."""
+    result = Jail(JailSpec(cpus=0.5)).run(["timeout", "2", "sh", "-c", "while :; do :; done"])
+    assert result.returncode == 124
+    assert result.cpu_time is not None
+    assert 0.3 < result.cpu_time / result.duration < 0.7, (result.cpu_time, result.duration)
+
+
+def test_accounting_without_limits() -> None:
+    """Every jail reports peak memory and CPU time from its cgroup."""
+    result = _python_jail().run([*PY, "x = bytearray(30 << 20); sum(range(10**6))"])
+    assert result.returncode == 0
+    assert result.peak_memory is not None and result.peak_memory >= 30 << 20
+    assert result.cpu_time is not None and result.cpu_time > 0
+
+
+def test_marker_memory_limit_report(jailed_pytester: pytest.Pytester) -> None:
+    """A jailed body that hits its memory limit fails with one line naming the limit and the peak;
+    the accounting lands in JUnit XML; the next test is unaffected."""
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.jail(memory="64M")
+        def test_hog():
+            x = bytearray(300 << 20)
+
+        @pytest.mark.jail
+        def test_next():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--junitxml=out.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory limit 64M, peak 64M)"])
+    xml = (jailed_pytester.path / "out.xml").read_text()
+    assert '<property name="jail_peak_memory" value="67108864"' in xml
+    assert 'name="jail_cpu_time"' in xml and 'name="jail_wall_time"' in xml
+
+
+def test_marker_fork_bomb_report(jailed_pytester: pytest.Pytester) -> None:
+    """A body whose forks fail at the process limit gets that line on top of its own failure."""
+    jailed_pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.jail(pids=16)
+        def test_forks():
+            children = []
+            for _ in range(64):
+                children.append(os.fork() or os._exit(0))
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["jail: process limit reached (pids 16): fork failed * time*", "*BlockingIOError*"])
+
+
+def test_limits_from_cli_and_ini(jailed_pytester: pytest.Pytester) -> None:
+    """--jail-memory/--jail-pids and their ini twins set defaults; the marker still wins."""
+    jailed_pytester.makeini("[pytest]\njail_pids = 40\n")
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        def test_cli_memory():
+            x = bytearray(200 << 20)
+
+        @pytest.mark.jail(memory="1G")
+        def test_marker_wins():
+            x = bytearray(200 << 20)
+
+        def pytest_jail_result(item, result):
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-memory=64M")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory limit 64M, peak 64M)"])
+    result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-memory=lots")
+    result.stderr.fnmatch_lines(["ERROR: --jail-memory: memory='lots' is not valid; allowed: a size like*"])
