@@ -45,7 +45,8 @@ class HostSupport:
 
 
 def _limits_summary() -> str:
-    from ._cgroups.manager import Unavailable, manager
+    from ._cgroups.manager import Unavailable
+    from ._cgroups.manager import manager
 
     try:
         return f"limits: {manager().layout.describe()}"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from . import hooks
+from ._cgroups.manager import clean_stale_everywhere
 from ._errors import JailConfigError
 from ._errors import JailError
 from ._errors import JailSetupError
@@ -83,6 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except JailConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
+    clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
     if _unavailable_policy(config) not in ("fail", "skip"):
         raise pytest.UsageError(
             f"{_unavailable_source(config)}: {_unavailable_policy(config)!r} is not allowed; allowed: fail, skip"

@@ -11,13 +11,22 @@ import os
 import sys
 
 
-def _foreign_pid_ns_processes() -> set[str]:
-    """Processes in another pid namespace than ours: every jail process is one."""
+def _ppid(pid: str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _foreign_pid_ns_processes(orphans_only: bool) -> set[str]:
+    """Processes in another pid namespace than ours: every jail process is one.
+
+    With ``orphans_only``, only those whose parent is gone (re-parented to pid 1): a jail that
+    outlived its run; the jails of tests running at the same time (xdist) still have parents.
+    """
     ours = os.readlink("/proc/self/ns/pid")
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.readlink(f"/proc/{pid}/ns/pid") != ours:
+            if os.readlink(f"/proc/{pid}/ns/pid") != ours and (not orphans_only or _ppid(pid) == 1):
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
                 found.add(f"{pid} {cmdline}")
@@ -36,11 +45,11 @@ def _jail_cgroups() -> set[str]:
     return found
 
 
-def snapshot() -> dict[str, list[str]]:
+def snapshot(orphans_only: bool = False) -> dict[str, list[str]]:
     with open("/proc/self/mountinfo") as f:
         mounts = {line.split()[4] for line in f}
     return {
-        "processes": sorted(_foreign_pid_ns_processes()),
+        "processes": sorted(_foreign_pid_ns_processes(orphans_only)),
         "mounts": sorted(mounts),
         "links": sorted(os.listdir("/sys/class/net")),
         "cgroups": sorted(_jail_cgroups()),
@@ -49,8 +58,8 @@ def snapshot() -> dict[str, list[str]]:
 
 
 def new_since(before: dict[str, list[str]], after: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """What ``after`` (default: now) holds that ``before`` did not, by kind; empty when clean."""
-    after = after or snapshot()
+    """What ``after`` (default: now, orphans only) holds that ``before`` did not; empty when clean."""
+    after = after or snapshot(orphans_only=True)
     return {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after if set(after[kind]) - set(before[kind])}
 
 
@@ -61,7 +70,7 @@ def main(argv: list[str]) -> int:
             json.dump(snapshot(), f)
         return 0
     with open(path) as f:
-        leaked = new_since(json.load(f))
+        leaked = new_since(json.load(f), snapshot())
     if leaked:
         print(f"pytest-jail left things behind: {leaked}", file=sys.stderr)
         return 1

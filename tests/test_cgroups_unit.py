@@ -7,7 +7,8 @@ import pathlib
 
 import pytest
 
-from pytest_jail._cgroups import Limits, detect
+from pytest_jail._cgroups import Limits
+from pytest_jail._cgroups import detect
 from pytest_jail._cgroups.v1 import V1Group
 from pytest_jail._cgroups.v2 import V2Group
 

@@ -7,10 +7,12 @@ import os
 import sys
 
 import pytest
-
 from conftest import needs_jail
-from pytest_jail import Jail, JailSpec
-from pytest_jail._cgroups.manager import Unavailable, manager
+
+from pytest_jail import Jail
+from pytest_jail import JailSpec
+from pytest_jail._cgroups.manager import Unavailable
+from pytest_jail._cgroups.manager import manager
 
 try:
     manager()

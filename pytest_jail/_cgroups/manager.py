@@ -118,6 +118,16 @@ class Manager:
         self.v2_parent = None
 
 
+def clean_stale_everywhere() -> None:
+    """At start-up: remove the parents of runs that were killed, in every hierarchy we can see."""
+    try:
+        layout = detect()
+    except OSError:
+        return
+    for own in {*layout.v1.values(), *([layout.v2] if layout.v2 else [])}:
+        clean_stale(own)
+
+
 def clean_stale(own: str) -> None:
     """Empty and remove parents left by runs whose process is gone (killed, crashed)."""
     try:
