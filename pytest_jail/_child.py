@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
 import stat
 import sys
@@ -35,6 +36,11 @@ NAMESPACES = (
     | sc.CLONE_NEWIPC
     | sc.CLONE_NEWCGROUP
 )
+
+#: The one capability a payload keeps: CAP_SETFCAP, which a uid-0 process must hold when it creates
+#: a user namespace that maps uid 0 (Linux 5.12, user_namespaces(7)), so a jail can nest a jail.
+#: It cannot unmount, remount or mount anything: that needs CAP_SYS_ADMIN, which is gone.
+PAYLOAD_CAPABILITIES = (sc.CAP_SETFCAP,)
 
 
 @dataclass
@@ -71,15 +77,16 @@ def _step(launch: Launch, name: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        _wire.send(
-            launch.status_w,
-            "error",
-            step=name,
-            errno=exc.errno,
-            detail=exc.strerror or str(exc),
-            path=exc.filename,
-        )
+        _send(launch, "error", step=name, errno=exc.errno, detail=exc.strerror or str(exc), path=exc.filename)
         raise _StepFailed from None
+
+
+def _send(launch: Launch, kind: str, **fields: Any) -> None:
+    """Tell the parent something; if it is gone, there is nobody to tell (never raise here)."""
+    try:
+        _wire.send(launch.status_w, kind, **fields)
+    except OSError:
+        pass
 
 
 def helper_main(launch: Launch) -> NoReturn:
@@ -106,7 +113,7 @@ def helper_main(launch: Launch) -> NoReturn:
                 launch.sources[source] = os.open(source, os.O_PATH | os.O_CLOEXEC)
         with _step(launch, "user namespace id map"):
             if launch.root_map:
-                _wire.send(launch.status_w, "map", pid=os.getpid())
+                _send(launch, "map", pid=os.getpid())
                 if os.read(launch.control_r, 1) != b"m":
                     os._exit(1)
                 os.setresgid(0, 0, 0)
@@ -119,27 +126,34 @@ def helper_main(launch: Launch) -> NoReturn:
                 _die_with_parent(launch, launch.parent_pid)
             else:
                 _write_own_map(uid, gid)
-        helper = os.getpid()
+        # init cannot see us through getppid() (we are outside its pid namespace): it watches
+        # this pidfd instead to notice a helper that died before its PR_SET_PDEATHSIG was set.
+        helper = os.pidfd_open(os.getpid())
         with _step(launch, "fork init"):
             pid = os.fork()
         if pid == 0:
             init_main(launch, helper)
-        _wire.send(launch.status_w, "init", pid=pid)  # the parent kills the jail through init
+        os.close(helper)
+        _send(launch, "init", pid=pid)  # the parent kills the jail through init
         _close(launch.status_w, launch.stdin, launch.stdout, launch.stderr)
         os.waitpid(pid, 0)
         code = 0
     except _StepFailed:
         pass
     except BaseException:  # pragma: no cover - a bug; say so rather than hang the parent
-        _wire.send(launch.status_w, "error", step="helper", errno=None, detail=repr(sys.exc_info()[1]), path=None)
-    os._exit(code)
+        _send(launch, "error", step="helper", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+    finally:
+        os._exit(code)  # never return into the caller's stack
 
 
 def init_main(launch: Launch, helper: int) -> NoReturn:
     """pid 1 of the jail: build the filesystem, start the payload, reap, report its status."""
+    code = 1
     try:
-        # The helper lives outside our pid namespace, so getppid() shows it as 0 (pid_namespaces(7)).
-        _die_with_parent(launch, 0)
+        launch.syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([helper], [], [], 0)[0]:  # the helper died before the prctl: follow it
+            os._exit(1)
+        os.close(helper)
         with _step(launch, "mount"):
             ex = Executor(launch.syscalls, launch.sources)
             for op in launch.plan:
@@ -160,6 +174,8 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
                 pid = os.fork()
             if pid == 0:
                 payload_main(launch)
+            with _step(launch, "drop capabilities"):
+                launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
         _close(launch.stdin, launch.stdout, launch.stderr)
         while True:  # reap everything; stop when the payload ends
             try:
@@ -169,14 +185,14 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
                 break
             if reaped == pid:
                 break
-        _wire.send(launch.status_w, "exit", status=status)
-        # Leaving kills every process still in the jail: the pid namespace dies with its init.
-        os._exit(0)
+        _send(launch, "exit", status=status)
+        code = 0  # leaving kills every process still in the jail: the pid namespace dies with init
     except _StepFailed:
-        os._exit(1)
+        pass
     except BaseException:  # pragma: no cover
-        _wire.send(launch.status_w, "error", step="init", errno=None, detail=repr(sys.exc_info()[1]), path=None)
-        os._exit(1)
+        _send(launch, "error", step="init", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+    finally:
+        os._exit(code)
 
 
 # Python ignores SIGPIPE and may ignore others; a command starts with every signal at its default
@@ -198,6 +214,10 @@ def _spawn_command(launch: Launch) -> int:
     with _step(launch, "cwd"):
         os.chdir(launch.cwd)
     launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    with _step(launch, "drop capabilities"):
+        # In every mode: the jail's root must not be able to unmount or remount what hides the
+        # host (capabilities(7): with an empty bounding set, exec gives even uid 0 nothing).
+        launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
     with _step(launch, "stdio"):
         stdin = launch.stdin if launch.stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0)]
@@ -230,6 +250,7 @@ def _inheritable(fd: int) -> bool:
 def payload_main(launch: Launch) -> NoReturn:
     """pid 2 for a test body: a new session, sealed descriptors, then wait for "go" and run it."""
     assert launch.body is not None
+    code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setsid()
@@ -242,11 +263,10 @@ def payload_main(launch: Launch) -> NoReturn:
         with _step(launch, "cwd"):
             os.chdir(launch.cwd)
         launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        if not launch.root_map:
-            # Rootless: the jail runs as the caller's own uid, with no capabilities.
-            launch.syscalls.drop_capabilities()
+        with _step(launch, "drop capabilities"):
+            launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
         gc.enable()
-        _wire.send(launch.status_w, "ready")
+        _send(launch, "ready")
         if os.read(launch.control_r, 1) != b"g":
             os._exit(1)
         os.close(launch.control_r)
@@ -256,15 +276,20 @@ def payload_main(launch: Launch) -> NoReturn:
         outcome = launch.body()
         sys.stdout.flush()
         sys.stderr.flush()
-        _wire.send(launch.status_w, "report", data=outcome)
-        os._exit(0)
+        _send(launch, "report", data=outcome)
+        code = 0
     except _StepFailed:
-        os._exit(127)
+        code = 127
     except SystemExit as exc:
-        os._exit(exc.code if isinstance(exc.code, int) else 1)
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
-        traceback.print_exc()
-        os._exit(1)
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _die_with_parent(launch: Launch, parent: int) -> None:

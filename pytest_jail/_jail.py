@@ -6,8 +6,10 @@ side is :mod:`pytest_jail._child`. The orchestration reads as a checklist in :me
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import select
 import selectors
 import signal
 import stat
@@ -41,10 +43,12 @@ from ._result import JailResult
 from ._spec import JailSpec
 
 #: In root mode the jail's uids and gids 0..65535 are host ids ROOT_MAP_BASE..ROOT_MAP_BASE+65535,
-#: so the jail's root is never the host's root (the range podman and LXC give their first user).
-ROOT_MAP_BASE = 100000
+#: so the jail's root is never the host's root. The range sits just below 2**31, far from the
+#: ranges useradd hands out in /etc/subuid (100000 upwards), so no user on the host owns it.
+ROOT_MAP_BASE = 2**31 - 2 * 65536
 ROOT_MAP_SIZE = 65536
 _KILL_GRACE = 10.0  # seconds to wait for a killed jail's last process before giving up
+SETUP_TIMEOUT = 60.0  # seconds for a jail to be built (its own timeout starts after)
 
 
 def in_initial_user_namespace() -> bool:
@@ -104,6 +108,14 @@ class _Run:
     group: Group | None = None  # the jail's cgroup, removed when the jail is gone
     usage: Usage | None = None
     rusage_cpu: float | None = None
+
+    def close_pipes(self) -> None:
+        """Close our ends of the wire, once (a closed number may already be someone else's)."""
+        for name in ("status", "control"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                _close_quietly(fd)
+                setattr(self, name, -1)
 
     def receive(self, chunk: bytes) -> None:
         for message in self.reader.feed(chunk):
@@ -189,13 +201,22 @@ class Jail:
         launch_kw["parent_fds"] = tuple(fd for fd in (out_r, err_r, in_w) if fd is not None)
         try:
             run = self._launch(spec, cwd=cwd, **launch_kw)
+        except BaseException:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
         finally:
             for fd in (out_w, err_w, in_r):
                 if fd is not None:
                     os.close(fd)
         outputs = {out_r: bytearray(), err_r: bytearray()}
         data = input.encode() if isinstance(input, str) else input
-        timed_out = self._collect(run, spec.timeout, outputs, in_w, data)
+        try:
+            timed_out = self._collect(run, spec.timeout, outputs, in_w, data)
+        except BaseException:  # Ctrl-C, a test's own timeout: the jail goes with the caller
+            self._abandon(run)
+            raise
         status = self._exit_status(run)
         returncode = _returncode(status)
         if not timed_out:
@@ -226,9 +247,10 @@ class Jail:
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
         group = _cgroup_for(spec)
         root_map = uses_root_map()
+        exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
-            _check_readable_by_jail(self.exposures)
-        plan = _plan(spec.rootfs, self.exposures, root_map)
+            _check_readable_by_jail(exposures)
+        plan = _plan(spec.rootfs, exposures, root_map)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         launch = _child.Launch(
@@ -236,7 +258,7 @@ class Jail:
             hostname=spec.hostname,
             share_net=spec.net == "host",
             root_map=root_map,
-            cwd=_jail_cwd(cwd, spec.rootfs, self.exposures),
+            cwd=_jail_cwd(cwd, spec.rootfs, exposures),
             status_w=status_w,
             control_r=control_r,
             parent_pid=os.getpid(),
@@ -247,24 +269,41 @@ class Jail:
         if payload.get("env") is None and spec.env is not None:
             launch.env = dict(spec.env)
         started = time.monotonic()
-        with warnings.catch_warnings():
-            # Python 3.12 warns about fork() in a threaded process; the child never touches the
-            # other threads' state: it only makes syscalls, then execs or runs the test body.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # Frozen objects are never scanned by the child's garbage collector, which would
-            # otherwise touch, and so copy, every page of the heap (gc.freeze docs).
-            gc.freeze()
-            pid = os.fork()
-        if pid:
-            gc.unfreeze()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one).
+                # The helpers only make syscalls; a test body runs pytest code, as pytest-forked's
+                # children do, so a lock held by another thread at fork time is a known risk.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                # Frozen objects are never scanned by the child's garbage collector, which would
+                # otherwise touch, and so copy, every page of the heap (gc.freeze docs).
+                gc.freeze()
+                try:
+                    pid = os.fork()
+                finally:
+                    if os.getpid() == launch.parent_pid:
+                        gc.unfreeze()
+        except OSError as exc:
+            for fd in (status_r, status_w, control_r, control_w):
+                os.close(fd)
+            if group is not None:
+                group.remove()
+            raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
         if pid == 0:
-            launch.parent_fds += (status_r, control_w)
-            _child.helper_main(launch)
+            try:
+                launch.parent_fds += (status_r, control_w)
+                _child.helper_main(launch)
+            finally:
+                os._exit(1)  # whatever happens, a child never returns into the caller's stack
         for fd in (status_w, control_r):
             os.close(fd)
         run = _Run(pid, status_r, control_w, started, group=group)
         if root_map:
-            self._write_root_map(run)
+            try:
+                self._write_root_map(run)
+            except BaseException:
+                self._abandon(run)
+                raise
         return run
 
     def _write_root_map(self, run: _Run) -> None:
@@ -283,11 +322,15 @@ class Jail:
         os.write(run.control, b"m")
 
     def _next_message(self, run: _Run, kind: str) -> dict[str, Any] | None:
-        """Block until a message of ``kind`` (or an error, or EOF) arrives."""
+        """Wait for a message of ``kind`` (``None`` on an error or EOF); setup has a time limit."""
+        deadline = time.monotonic() + SETUP_TIMEOUT
         while True:
             for message in run.messages:
                 if message["kind"] in (kind, "error"):
                     return message if message["kind"] == kind else None
+            if not select.select([run.status], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise JailSetupError(kind, errno.ETIMEDOUT, f"the jail was not ready after {SETUP_TIMEOUT:.0f}s "
+                                     "(a bind source on a hung network filesystem?)")
             chunk = os.read(run.status, 65536)
             if not chunk:
                 run.finished = True
@@ -351,11 +394,21 @@ class Jail:
                 if key.fd == stdin:
                     os.close(key.fd)
             sel.close()
-            for fd in (*outputs, run.status, run.control):
+            for fd in outputs:
                 _close_quietly(fd)
+            run.close_pipes()
             run.finished = True
             run.ended = time.monotonic()
         return timed_out
+
+    def _abandon(self, run: _Run) -> None:
+        """Kill and reap a jail whose caller is leaving (an exception): nothing stays behind."""
+        if run.pid:
+            run.kill()
+        run.close_pipes()
+        run.finished = True
+        if run.pid:
+            self._exit_status(run)
 
     def _exit_status(self, run: _Run) -> int | None:
         """Reap the helper; return the payload's raw wait status if it ran to the end."""
@@ -438,11 +491,7 @@ class Call:
 
     def kill(self) -> None:
         """Kill the jail now (if still there) and reap it; safe to call twice."""
-        if self._run.pid:
-            self._run.kill()
-            if not self._run.finished:
-                self._jail._collect(self._run, None)
-            self._jail._exit_status(self._run)
+        self._jail._abandon(self._run)
 
 
 #: The process cap of a jail that names none: a fork bomb stops here, not at the host's limit.
@@ -468,28 +517,35 @@ def _cgroup_for(spec: JailSpec) -> Group | None:
 
 def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
     closed = closed_ancestors(e.source for e in exposures) if root_map else set()
-    return _cached_plan(rootfs, exposures, frozenset(closed))
+    # The rootfs's modification time is in the key: its top-level entries are in the plan.
+    version = os.stat(rootfs).st_mtime_ns if rootfs is not None else 0
+    return _cached_plan(rootfs, version, exposures, frozenset(closed))
 
 
 @lru_cache(maxsize=64)
-def _cached_plan(rootfs: str | None, exposures: tuple[Exposure, ...], closed: frozenset[str]) -> list[Any]:
+def _cached_plan(
+    rootfs: str | None, version: int, exposures: tuple[Exposure, ...], closed: frozenset[str]
+) -> list[Any]:
     return plan_mounts(rootfs, exposures, closed=closed)
 
 
 def _check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
     """Root mode: the jail runs as an unprivileged host uid; a 0700 directory it needs is a host limit."""
     for exposure in exposures:
-        if exposure.writable:
-            continue  # the test's temp dir: handed over to the jail's uid by the plugin
         try:
-            mode = os.stat(exposure.source).st_mode
+            st = os.stat(exposure.source)
         except OSError:
             continue
-        needed = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
+        mode = st.st_mode
+        if st.st_uid == ROOT_MAP_BASE:  # the test's temp dir, handed to the jail's root
+            mode >>= 6
+        elif st.st_gid == ROOT_MAP_BASE:
+            mode >>= 3
+        needed = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
         if mode & needed != needed:
             raise JailUnavailableError(
                 f"the jail's root is host uid {ROOT_MAP_BASE} (pytest runs as root), which cannot read "
-                f"{exposure.source} (mode {stat.S_IMODE(mode):04o})",
+                f"{exposure.source} (mode {stat.S_IMODE(st.st_mode):04o})",
                 f"make it readable (chmod o+rx {exposure.source}), or run pytest as an unprivileged user",
             )
 

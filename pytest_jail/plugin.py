@@ -8,8 +8,11 @@ the call phase releases it and takes the report it sends back over the wire.
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import os
+import stat
 import sys
+import warnings
 from collections.abc import Generator
 from collections.abc import Iterator
 from typing import Any
@@ -206,22 +209,102 @@ def _exposures(item: pytest.Item, spec: JailSpec, tmp: Any, *, body: bool) -> li
 
 
 def _chown_tree(path: str, uid: int) -> None:
-    """Root mode: hand the test's temp dir to the jail's root (an unprivileged host uid)."""
+    """Root mode: hand the test's temp dir to the jail's root (an unprivileged host uid).
+
+    Files with other hard links are left alone: the link may be a host file (``/etc/passwd``
+    linked in by a fixture) that must not change owner.
+    """
     os.lchown(path, uid, uid)
     for parent, dirs, files in os.walk(path):
         for name in dirs + files:
-            os.lchown(os.path.join(parent, name), uid, uid)
+            entry = os.path.join(parent, name)
+            st = os.lstat(entry)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                os.lchown(entry, uid, uid)
 
 
 def _run_call(item: pytest.Item) -> dict[str, Any]:
-    """Inside the jail: run the call phase as pytest would and return the serialized report."""
+    """Inside the jail: run the call phase as pytest would; return what the parent must replay.
+
+    That is the report, every other report the body logged (pytest 9's subtests), the warnings
+    it raised and a ``pytest.exit()``; all serialized with pytest's own hooks.
+    """
+    config = item.config
     item.stash[inside_key] = True
     if faulthandler.is_enabled():  # a crash's Python traceback goes to the captured stderr
         faulthandler.enable(file=sys.stderr)
-    call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
-    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
-    data: dict[str, Any] = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
-    return data
+    recorder = _Recorder(config)
+    config.pluginmanager.register(recorder)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # the parent prints the reports this process records
+        quiet = config.pluginmanager.subset_hook_caller("pytest_runtest_logreport", remove_plugins=[reporter])
+        setattr(config.hook, "pytest_runtest_logreport", quiet)  # noqa: B010 - HookRelay is dynamic
+    exit_message = None
+    with warnings.catch_warnings(record=True) as caught:
+        call = None
+        try:
+            call = pytest.CallInfo.from_call(
+                lambda: item.ihook.pytest_runtest_call(item=item), when="call", reraise=(pytest.exit.Exception,)
+            )
+        except pytest.exit.Exception as exc:
+            exit_message = str(exc.msg)
+    report = None
+    if call is not None:
+        report = config.hook.pytest_report_to_serializable(
+            config=config, report=item.ihook.pytest_runtest_makereport(item=item, call=call)
+        )
+    return {
+        "report": report,
+        "logreports": recorder.reports,
+        "warnings": [_warning_to_json(w) for w in caught],
+        "exit": exit_message,
+    }
+
+
+class _Recorder:
+    """Inside the jail: keeps the reports the body logs (subtests) for the parent to replay."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.reports: list[dict[str, Any]] = []
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reports.append(self.config.hook.pytest_report_to_serializable(config=self.config, report=report))
+
+
+def _warning_to_json(message: warnings.WarningMessage) -> dict[str, Any]:
+    category = message.category
+    return {
+        "message": str(message.message),
+        "category": f"{category.__module__}:{category.__qualname__}",
+        "filename": message.filename,
+        "lineno": message.lineno,
+    }
+
+
+def _replay_warning(data: dict[str, Any]) -> None:
+    """In pytest's process: raise again a warning the body raised, so pytest records it as usual."""
+    module, _, name = data["category"].partition(":")
+    category: type[Warning] = UserWarning
+    try:
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+        if isinstance(found, type) and issubclass(found, Warning):
+            category = found
+    except (ImportError, AttributeError):
+        pass
+    warnings.warn_explicit(data["message"], category, data["filename"], data["lineno"])
+
+
+def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
+    data = dict(data)
+    for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    return report
 
 
 def _release(item: pytest.Item) -> None:
@@ -241,6 +324,15 @@ def _release(item: pytest.Item) -> None:
         ("jail_peak_memory", result.peak_memory),
     ]
     item.ihook.pytest_jail_result(item=item, result=result)
+    outcome = call.report or {}
+    for logged in outcome.get("logreports", []):
+        item.ihook.pytest_runtest_logreport(report=_deserialize(item.config, logged))
+    for warning in outcome.get("warnings", []):
+        _replay_warning(warning)
+    if outcome.get("exit") is not None:
+        pytest.exit(outcome["exit"])
+    if outcome.get("report") is None and not call.timed_out and call.report is not None:
+        call.report = None  # the body asked to exit: no report of its own
     if call.timed_out or (call.report is None and (result.oom_killed or result.pids_limit_hit)):
         pytest.fail(f"jail: {result.verdict()}", pytrace=False)
     if call.report is None:
@@ -249,19 +341,22 @@ def _release(item: pytest.Item) -> None:
         pytest.fail(f"jail: the test body {ending} before it reported an outcome", pytrace=False)
 
 
-@pytest.hookimpl(tryfirst=True)  # hand pytest the report the jail made, before it makes its own
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport | None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: the jail's report is the final word
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Hand pytest the report the jail made (already through every plugin, in the jail), put what
+    the jail stopped on top of it, and shorten jail errors to one line."""
+    report: pytest.TestReport = yield
     jailed = item.stash.get(call_key, None)
-    if call.when != "call" or jailed is None or jailed.report is None or item.stash.get(inside_key, False):
-        return None
-    data = dict(jailed.report)
-    for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
-    report: pytest.TestReport = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
-    result = item.stash.get(result_key, None)
-    if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
-        report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
+    if call.when == "call" and jailed is not None and jailed.report and not item.stash.get(inside_key, False):
+        report = _deserialize(item.config, jailed.report["report"])
+        result = item.stash.get(result_key, None)
+        if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
+            report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
+    if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):
+        error = call.excinfo.value
+        report.longrepr = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}: {error}"
     return report
 
 
@@ -282,18 +377,6 @@ class _Headed:
         return f"{self.line}\n{self.inner}"
 
 
-@pytest.hookimpl(wrapper=True, specname="pytest_runtest_makereport")
-def pytest_runtest_makereport_one_line(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A jail error is a setting or a host problem, not the test's: one line, no traceback."""
-    report: pytest.TestReport = yield
-    if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):
-        error = call.excinfo.value
-        report.longrepr = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}: {error}"
-    return report
-
-
 @pytest.hookimpl(tryfirst=True)  # kill a jail whose call never came, before fixtures tear down
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     call = item.stash.get(call_key, None)
@@ -304,10 +387,23 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 
 @pytest.fixture
-def jail(request: pytest.FixtureRequest) -> Jail:
+def jail(request: pytest.FixtureRequest) -> _GuardedJail:
     """A :class:`Jail` built from this test's marker and the ini/CLI defaults: ``jail.run([...])``."""
     item = request.node
     _guard(item, _host(item.config).require)
     spec = item.stash.get(spec_key, None) or _item_spec(item) or item.config.stash[base_spec_key]
     tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
-    return Jail(spec, exposures=_exposures(item, spec, tmp, body=False))
+    return _GuardedJail(item, Jail(spec, exposures=_exposures(item, spec, tmp, body=False)))
+
+
+class _GuardedJail:
+    """The ``jail`` fixture: a :class:`Jail` whose host limitations follow ``--jail-unavailable``."""
+
+    def __init__(self, item: pytest.Item, jail: Jail) -> None:
+        self._item, self._jail = item, jail
+        self.spec = jail.spec
+
+    def run(self, argv: Any, **kwargs: Any) -> JailResult:
+        """:meth:`Jail.run`, in the jail of this test."""
+        result: JailResult = _guard(self._item, lambda: self._jail.run(argv, **kwargs))
+        return result

@@ -43,6 +43,6 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def jailed_pytester(pytester: pytest.Pytester) -> pytest.Pytester:
-    """A pytester whose directory the jail can read (root mode runs the jail as host uid 100000)."""
+    """A pytester whose directory the jail can read (root mode runs the jail as an unprivileged host uid)."""
     os.chmod(pytester.path, 0o755)
     return pytester

@@ -41,13 +41,14 @@ def test_pid_namespace_with_reaping_init() -> None:
 
 def test_session_stdin_and_descriptors() -> None:
     """setsid(); stdin is /dev/null; only stdio survives (the wire is close-on-exec)."""
-    fd_r, fd_w = os.pipe()  # an open descriptor in the caller must not reach the jail
+    fd_r, fd_w = os.pipe()
+    os.dup2(fd_r, 50, inheritable=True)  # an inheritable descriptor in the caller must not reach the jail
     try:
         out = sh("ps -o sid= -p $$ 2>/dev/null || cat /proc/self/stat | cut -d' ' -f6; "
                  "readlink /proc/self/fd/0; ls /proc/self/fd")
     finally:
-        os.close(fd_r)
-        os.close(fd_w)
+        for fd in (fd_r, fd_w, 50):
+            os.close(fd)
     sid, stdin, *fds = out.split()
     assert sid.strip() in ("2", "3")  # the shell's session (pid 2; ps may run as pid 3)
     assert stdin == "/dev/null"
@@ -69,7 +70,7 @@ def test_uts_ipc_cgroup_namespaces() -> None:
 
 @root_mode
 def test_root_maps_to_an_unprivileged_host_uid() -> None:
-    """Root mode: the jail's root is host uid 100000, never the host's root."""
+    """Root mode: the jail's root is an unprivileged host uid (ROOT_MAP_BASE), never the host's root."""
     out = sh("id -u; cat /proc/self/uid_map")
     uid, *mapping = out.split()
     assert uid == "0"
@@ -255,3 +256,37 @@ def signal_ignored_here(signum: int) -> bool:
     with open("/proc/self/status") as f:
         ign = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn"))
     return bool(ign & (1 << (signum - 1)))
+
+
+def test_no_way_to_undo_the_jail() -> None:
+    """Even the jail's root (root mode) has no capability to unmount, remount or mount: the host
+    stays hidden and read-only; a nested user namespace only gets locked copies of the mounts."""
+    script = (
+        "grep CapBnd /proc/self/status; umount /tmp; mount -o remount,rw /; umount /proc; "
+        "unshare -Urm sh -c 'umount /tmp || echo nested-umount-refused; touch /usr/jail-x || echo nested-ro'; "
+        "ls /proc | grep -cE '^[0-9]+$'"
+    )
+    result = Jail().run(["sh", "-c", script])
+    lines = result.stdout.split("\n")
+    assert lines[0].split()[1] == "0000000080000000"  # CAP_SETFCAP only, for nested jails
+    assert "nested-umount-refused" in result.stdout and "nested-ro" in result.stdout
+    assert int(lines[-2]) < 10  # /proc is still the jail's own
+    assert result.stderr.count("must be superuser") + result.stderr.count("permission denied") >= 3
+    assert not os.path.exists("/usr/jail-x")
+
+
+def test_binds(tmp_path: os.PathLike[str]) -> None:
+    """binds=: read-only by default, ':rw' lands on the host, anything else stays unchanged."""
+    ro, rw = os.path.join(tmp_path, "ro"), os.path.join(tmp_path, "rw")
+    for path in (ro, rw):
+        os.mkdir(path)
+        os.chmod(path, 0o777)
+    os.chmod(tmp_path, 0o755)
+    with open(os.path.join(ro, "data.txt"), "w") as f:
+        f.write("input\n")
+    spec = JailSpec(binds=[f"{ro}:/data", f"{rw}:/out:rw"])
+    result = Jail(spec).run(["sh", "-c", "cat /data/data.txt; echo x > /data/new; echo result > /out/r.txt"])
+    assert result.stdout == "input\n"
+    assert "Read-only file system" in result.stderr
+    assert open(os.path.join(rw, "r.txt")).read() == "result\n"
+    assert sorted(os.listdir(ro)) == ["data.txt"]

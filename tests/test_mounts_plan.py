@@ -114,3 +114,21 @@ def test_closed_dir_inside_an_exposure_is_masked_on_the_way() -> None:
 
 def _missing(path: str) -> os.stat_result:
     raise FileNotFoundError(path)
+
+
+def test_new_top_level_bind_shadows_root_without_the_hosts_proc_dev_tmp() -> None:
+    """A bind to a new top-level path (/data) shadows / : the host's entries come back read-only,
+    but /proc, /dev and /tmp are made fresh, never the host's; a closed /root is still masked."""
+    host = {"/": ["bin", "proc", "dev", "tmp", "root", "sys"], "/root": [".pyenv"]}
+    dirs = set(host) | {"/bin", "/proc", "/dev", "/tmp", "/sys", "/root/.pyenv", "/root/.pyenv/py", "/srv/d"}
+    plan = _verbs(plan_mounts(
+        None, [Exposure("/srv/d", "/data"), Exposure("/root/.pyenv/py", "/root/.pyenv/py")], closed=["/root"],
+        exists=lambda p: p in dirs, isdir=lambda p: p in dirs, listdir=lambda p: host[p],
+        islink=lambda p: False, readlink=os.readlink,
+    ))
+    assert "mount tmpfs /newroot tmpfs mode=0755" in plan
+    assert "bind /oldroot/bin /newroot/bin" in plan and "bind /oldroot/sys /newroot/sys" in plan
+    assert not any(op.startswith(("bind /oldroot/proc ", "bind /oldroot/tmp ", "bind /oldroot/dev ")) for op in plan)
+    assert plan.index("mount tmpfs /newroot tmpfs mode=0755") < plan.index("mount proc /newroot/proc proc")
+    assert "mount tmpfs /newroot/root tmpfs mode=0755" in plan  # masked after being re-bound
+    assert plan.index("mount tmpfs /newroot/root tmpfs mode=0755") < plan.index("bind /oldroot/root/.pyenv/py /newroot/root/.pyenv/py")

@@ -47,10 +47,16 @@ def test_outcomes_round_trip(jailed_pytester: pytest.Pytester) -> None:
         @pytest.mark.xfail(strict=True, reason="must fail")
         def test_xpass_strict():
             pass
+
+        @pytest.mark.jail
+        @pytest.mark.xfail(raises=ValueError, reason="only ValueError is expected")
+        def test_xfail_other_exception():
+            raise TypeError("not the expected one")
         """
     )
     result = jailed_pytester.runpytest_subprocess("-rA")
-    result.assert_outcomes(passed=1, failed=2, skipped=1, xfailed=1, xpassed=1)
+    result.assert_outcomes(passed=1, failed=3, skipped=1, xfailed=1, xpassed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_xfail_other_exception - TypeError*"])
     result.stdout.fnmatch_lines([
         "*def test_fail():*",
         "E       assert ?1, 2, 3? == ?1, 2, 4?",
@@ -190,7 +196,7 @@ def test_tmp_path_writable_and_host_read_only(jailed_pytester: pytest.Pytester) 
             assert (data / "in.txt").read_text() == "from fixture"
             (tmp_path / "in.txt").write_text("changed in jail")
             (tmp_path / "out.txt").write_text("written in jail")
-            assert os.listdir("/tmp") == ["pytest-of-" + __import__("getpass").getuser()] or True
+            assert os.listdir("/tmp") == [tmp_path.parts[2]]  # only the way to tmp_path, nothing of the host's
             with pytest.raises(OSError, match="Read-only file system"):
                 open("/etc/jail-was-here", "w")
             with pytest.raises(OSError, match="Read-only file system"):
@@ -332,7 +338,9 @@ def test_hooks(jailed_pytester: pytest.Pytester) -> None:
 
 
 def test_xdist_same_port(jailed_pytester: pytest.Pytester) -> None:
-    """Under -n 2, two jailed tests bind the same TCP port at the same time without colliding."""
+    """Under -n 2, two jailed tests bind the same TCP port at the same time, while the host holds it."""
+    import socket
+
     pytest.importorskip("xdist", reason="needs pytest-xdist: pip install pytest-xdist")
     jailed_pytester.makepyfile(
         """
@@ -342,14 +350,20 @@ def test_xdist_same_port(jailed_pytester: pytest.Pytester) -> None:
         @pytest.mark.jail
         def test_bind(n, tmp_path):
             server = socket.create_server(("127.0.0.1", 8765))
-            (tmp_path / "bound").write_text(str(time.time()))
+            started = time.time()
             time.sleep(1.0)
             server.close()
+            print(f"HELD {started:.3f} {time.time():.3f}")
         """
     )
-    result = jailed_pytester.runpytest_subprocess("-n", "2", "-p", "xdist")
+    host = socket.create_server(("127.0.0.1", 8765))  # the host holds the port all along
+    try:
+        result = jailed_pytester.runpytest_subprocess("-n", "2", "-p", "xdist", "-rP")
+    finally:
+        host.close()
     result.assert_outcomes(passed=2)
-    assert result.duration < 10
+    spans = sorted(tuple(map(float, line.split()[1:3])) for line in result.stdout.lines if line.startswith("HELD"))
+    assert len(spans) == 2 and spans[1][0] < spans[0][1], spans  # both held the port at the same time
 
 
 @pytest.mark.skipif(__import__("shutil").which("unshare") is None, reason="needs util-linux unshare")
@@ -459,3 +473,76 @@ def test_unittest_and_doctest_items_are_jailed_too(jailed_pytester: pytest.Pytes
     result = jailed_pytester.runpytest_subprocess("--jail-all", "--doctest-modules")
     result.assert_outcomes(passed=2)
     jailed_pytester.runpytest_subprocess("--doctest-modules").assert_outcomes(failed=2)
+
+
+def test_warnings_exit_and_subtests_cross_the_boundary(jailed_pytester: pytest.Pytester) -> None:
+    """Warnings a body raises are reported as usual; pytest.exit() in a body ends the session."""
+    jailed_pytester.makepyfile(
+        test_w="""
+        import warnings, pytest
+
+        @pytest.mark.jail
+        def test_warns():
+            warnings.warn("old api", DeprecationWarning)
+            warnings.warn("careful")
+        """,
+        test_x="""
+        import pytest
+
+        @pytest.mark.jail
+        def test_exit():
+            pytest.exit("enough for today")
+
+        def test_never():
+            pass
+        """,
+    )
+    result = jailed_pytester.runpytest_subprocess("test_w.py")
+    result.assert_outcomes(passed=1, warnings=2)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: old api*", "*UserWarning: careful*"])
+    result = jailed_pytester.runpytest_subprocess("test_x.py")
+    result.stdout.fnmatch_lines(["*Exit: enough for today*"])
+    assert "test_never" not in result.stdout.str()
+
+
+@pytest.mark.skipif(int(pytest.__version__.split(".")[0]) < 9, reason="subtests are built into pytest 9")
+def test_subtests_of_a_jailed_body_are_reported(jailed_pytester: pytest.Pytester) -> None:
+    """pytest 9's subtests log reports from inside the body: the parent reports them."""
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.jail
+        def test_many(subtests):
+            for i in range(3):
+                with subtests.test(i=i):
+                    assert i != 1
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*SUBFAIL*i=1*"])
+
+
+def test_interrupted_jail_run_does_not_resume_pytest_in_the_jail(jailed_pytester: pytest.Pytester) -> None:
+    """An exception while jail.run waits (a test's own timeout, Ctrl-C) kills the jail; no jail
+    process ever climbs back into pytest's stack to run the rest of the session."""
+    jailed_pytester.makepyfile(
+        """
+        import os, signal, pytest
+
+        def test_interrupted(jail):
+            def stop(*_):
+                raise TimeoutError("the test's own timeout")
+            signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            jail.run(["sleep", "5"])
+
+        def test_after():
+            print("AFTER in pid", os.getpid())
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.stdout.str().count("AFTER in pid") == 1
+    assert result.stdout.str().count(" in ") >= 1 and result.stdout.str().count("short test summary") == 1

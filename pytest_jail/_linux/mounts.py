@@ -84,10 +84,17 @@ def plan_mounts(
             ops.append(("mkdir", NEW + "/" + name))
         ops.append(("bind", OLD + "/sys", NEW + "/sys", True))
         ops.append(("readonly", NEW + "/sys", True))
+    # Exposures first (one may have to shadow a whole directory, / included), then the fresh
+    # /proc, /dev and /tmp on top, then what lives inside the fresh /tmp (the test's tmp_path).
+    ordered = sorted(exposures, key=lambda e: e.target.count("/"))
+    in_fresh = [e for e in ordered if any(_under(e.target, "/" + f) for f in _FRESH if f != "sys")]
+    for exposure in ordered:
+        if exposure not in in_fresh:
+            tree.expose(exposure)
     ops.append(("mount", "proc", NEW + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
     _plan_dev(ops)
     tree.tmpfs("/tmp", "mode=1777")
-    for exposure in sorted(exposures, key=lambda e: e.target.count("/")):
+    for exposure in in_fresh:
         tree.expose(exposure)
     for path in sorted(tree.made_tmpfs, key=len, reverse=True):
         if path != "/tmp":
@@ -140,7 +147,7 @@ class _Tree:
         self.ops.append(("mkdir_p", _new(path)))
         self.ops.append(("mount", "tmpfs", _new(path), "tmpfs", MS_NOSUID | MS_NODEV, data))
         self.made_tmpfs.add(path)
-        self.base = {k: v for k, v in self.base.items() if not _under(k, path) or k == "/"}
+        self.base = {k: v for k, v in self.base.items() if not _under(k, path)}
 
     def shadow(self, path: str, host_dir: str, skip: Iterable[str] = ()) -> None:
         """A tmpfs at ``path`` re-populated with read-only binds of ``host_dir``'s entries."""
@@ -186,9 +193,9 @@ class _Tree:
     def _mask_closed(self, target: str, owner: str) -> None:
         """Hide the first directory on the way to ``target`` that the jail cannot search."""
         rel = target[len(owner):].strip("/").split("/")[:-1]
-        for i in range(len(rel)):
-            path = _join(owner, "/".join(rel[: i + 1]))
-            if _join(self.base[owner], "/".join(rel[: i + 1])) in self.closed:
+        for i in range(len(rel) + 1):
+            path = _join(owner, "/".join(rel[:i])) if i else owner
+            if _join(self.base[owner], "/".join(rel[:i])) in self.closed:
                 self.tmpfs(path, "mode=0755")
                 return
 
@@ -210,7 +217,12 @@ class _Tree:
             else:
                 break
         host_dir = _join(self.base[owner], deepest[len(owner):].lstrip("/"))
-        self.shadow(deepest, host_dir)
+        if deepest == "/":  # a new top-level directory: the fresh ones must not be the host's
+            self.shadow("/", host_dir, skip=_FRESH[:3])
+            for name in _FRESH[:3]:
+                self.ops.append(("mkdir", NEW + "/" + name))
+        else:
+            self.shadow(deepest, host_dir)
 
 
 def _new(path: str) -> str:

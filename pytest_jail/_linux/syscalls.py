@@ -36,6 +36,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
+CAP_SETFCAP = 31
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -67,7 +70,10 @@ class Syscalls:
 
     def __init__(self) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
-        self._nr = _NUMBERS.get(platform.machine(), _NUMBERS["x86_64"])
+        machine = platform.machine()
+        if machine not in _NUMBERS:
+            raise OSError(f"pytest-jail knows the system calls of {', '.join(_NUMBERS)}, not of {machine}")
+        self._nr = _NUMBERS[machine]
 
     def _check(self, ret: int, *paths: str | None) -> None:
         if ret < 0:
@@ -125,10 +131,21 @@ class Syscalls:
     def prctl(self, option: int, arg: int) -> None:
         self._check(self._libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0))
 
-    def drop_capabilities(self) -> None:
-        """Empty the effective, permitted and inheritable sets of this thread."""
+    def drop_capabilities(self, keep: tuple[int, ...] = ()) -> None:
+        """Drop every capability but ``keep`` for good: bounding and ambient sets, then effective,
+        permitted and inheritable. Even uid 0 gets no more back at exec (capabilities(7))."""
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+        for cap in range(last + 1):
+            if cap not in keep:
+                self.prctl(PR_CAPBSET_DROP, cap)
+        self._check(self._libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0))
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-        data = (ctypes.c_uint32 * 6)()
+        data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable for caps 0-31, then 32-63
+        for cap in keep:
+            word = 3 * (cap // 32)
+            data[word] |= 1 << (cap % 32)  # effective
+            data[word + 1] |= 1 << (cap % 32)  # permitted
         ret = self._libc.syscall(ctypes.c_long(self._nr["capset"]), header, data)
         self._check(ret)
 
