@@ -521,7 +521,7 @@ def test_subtests_of_a_jailed_body_are_reported(jailed_pytester: pytest.Pytester
     )
     result = jailed_pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["*SUBFAIL*i=1*"])
+    result.stdout.fnmatch_lines(["*SUBFAIL*i=*1*"])
 
 
 def test_interrupted_jail_run_does_not_resume_pytest_in_the_jail(jailed_pytester: pytest.Pytester) -> None:
