@@ -250,7 +250,7 @@ class Jail:
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
             _check_readable_by_jail(exposures)
-        plan = _plan(spec.rootfs, exposures, root_map)
+        plan = _plan(spec.rootfs, exposures, root_map, spec.tmpfs)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         launch = _child.Launch(
@@ -515,18 +515,18 @@ def _cgroup_for(spec: JailSpec) -> Group | None:
         raise JailSetupError("cgroup", exc.errno, exc.strerror or str(exc), exc.filename) from None
 
 
-def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
+def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool, tmp_size: int | None) -> list[Any]:
     closed = closed_ancestors(e.source for e in exposures) if root_map else set()
     # The rootfs's modification time is in the key: its top-level entries are in the plan.
     version = os.stat(rootfs).st_mtime_ns if rootfs is not None else 0
-    return _cached_plan(rootfs, version, exposures, frozenset(closed))
+    return _cached_plan(rootfs, version, exposures, frozenset(closed), tmp_size)
 
 
 @lru_cache(maxsize=64)
 def _cached_plan(
-    rootfs: str | None, version: int, exposures: tuple[Exposure, ...], closed: frozenset[str]
+    rootfs: str | None, version: int, exposures: tuple[Exposure, ...], closed: frozenset[str], tmp_size: int | None
 ) -> list[Any]:
-    return plan_mounts(rootfs, exposures, closed=closed)
+    return plan_mounts(rootfs, exposures, closed=closed, tmp_size=tmp_size)
 
 
 def _check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:

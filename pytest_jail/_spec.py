@@ -83,6 +83,7 @@ class JailSpec:
     :param env: the environment inside; ``None`` inherits the caller's.
     :param binds: extra bind mounts, ``"SRC:DST[:ro|rw]"`` strings or :class:`Bind`.
     :param memory: memory limit (bytes or ``"64M"``); :param cpus: cores; :param pids: tasks.
+    :param tmpfs: size of the private ``/tmp`` (``"100M"``): a disk filler gets ENOSPC.
     """
 
     rootfs: str | None = None
@@ -94,6 +95,7 @@ class JailSpec:
     hostname: str = "jail"
     env: Mapping[str, str] | None = None
     binds: tuple[Bind, ...] = field(default=())
+    tmpfs: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -105,6 +107,8 @@ class JailSpec:
             )
         if self.memory is not None:
             set_(self, "memory", _convert("memory", self.memory, parse_size))
+        if self.tmpfs is not None:
+            set_(self, "tmpfs", _convert("tmpfs", self.tmpfs, parse_size))
         if self.cpus is not None:
             set_(self, "cpus", _convert("cpus", self.cpus, _positive_float))
         if self.pids is not None:

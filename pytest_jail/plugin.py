@@ -36,6 +36,7 @@ from ._probe import explain
 from ._probe import probe_host
 from ._result import JailResult
 from ._result import describe_status
+from ._result import format_size_rounded
 from ._spec import JailSpec
 
 # (option, ini name, spec field, help)
@@ -46,6 +47,7 @@ _OPTIONS = (
     ("--jail-memory", "jail_memory", "memory", "default memory limit of jails (swap included), e.g. 256M"),
     ("--jail-cpus", "jail_cpus", "cpus", "default CPU bandwidth of jails, in cores, e.g. 0.5"),
     ("--jail-pids", "jail_pids", "pids", "default process limit of jails (default 4096)"),
+    ("--jail-tmpfs", "jail_tmpfs", "tmpfs", "default size of a jail's private /tmp, e.g. 100M"),
 )
 
 base_spec_key = pytest.StashKey[JailSpec]()
@@ -68,6 +70,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--jail-all", dest="jail_all", action="store_true", default=None,
                     help="jail every test, as if each had the jail marker")
     parser.addini("jail_all", "jail every test", type="bool", default=False)
+    group.addoption("--jail-report", dest="jail_report", action="store_true", default=False,
+                    help="list the jailed tests that used the most memory and CPU at the end")
     group.addoption("--jail-unavailable", dest="jail_unavailable", default=None,
                     help="what a jailed test does when this host cannot jail it: fail (default) or skip")
     parser.addini("jail_unavailable", "fail or skip when this host cannot jail a test", default="fail")
@@ -87,6 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
         except JailConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
+    if config.option.jail_report:
+        config.pluginmanager.register(_Accounting(), "jail-accounting")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
     if _unavailable_policy(config) not in ("fail", "skip"):
         raise pytest.UsageError(
@@ -375,6 +381,33 @@ class _Headed:
 
     def __str__(self) -> str:
         return f"{self.line}\n{self.inner}"
+
+
+class _Accounting:
+    """Keeps each jailed test's figures for --jail-report (also on an xdist controller, which sees
+    them in the teardown reports' user_properties)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, dict[str, Any]]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "teardown":
+            usage = {k: v for k, v in report.user_properties if k.startswith("jail_")}
+            if usage:
+                self.rows.append((report.nodeid, usage))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.rows:
+            return
+        terminalreporter.write_sep("=", "jail report: the heaviest jailed tests")
+        for key, title in (("jail_peak_memory", "peak memory"), ("jail_cpu_time", "CPU time")):
+            rows = sorted((r for r in self.rows if r[1].get(key) is not None), key=lambda r: -float(r[1][key]))
+            terminalreporter.write_line(f"{title}:")
+            for nodeid, usage in rows[:10]:
+                value = usage[key]
+                shown = format_size_rounded(int(value)) if key == "jail_peak_memory" else f"{float(value):.2f}s"
+                wall = float(usage.get("jail_wall_time") or 0)
+                terminalreporter.write_line(f"  {shown:>10}  {nodeid}  (wall {wall:.2f}s)")
 
 
 @pytest.hookimpl(tryfirst=True)  # kill a jail whose call never came, before fixtures tear down

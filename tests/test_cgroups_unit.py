@@ -114,3 +114,37 @@ def test_v1_without_cpu_limit_skips_the_cpu_controller(tmp_path: pathlib.Path) -
     assert "cpu" not in group.dirs
     with pytest.raises(FileNotFoundError):
         group.apply(Limits(memory=1))  # the fake kernel has no files: errors name the file
+
+
+def test_v2_manager_enables_controllers_and_nests_groups(tmp_path: pathlib.Path) -> None:
+    """On v2 the manager enables memory, cpu and pids for its children, makes its parent group and
+    one group per jail under it, and removes them all on close."""
+    from pytest_jail._cgroups.detect import Layout
+    from pytest_jail._cgroups.manager import Manager
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (own / "cgroup.subtree_control").write_text("")
+    manager = Manager(Layout("v2", {}, str(own), frozenset({"cpuset", "cpu", "io", "memory", "pids"})))
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    parent = own / manager.name
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    with pytest.raises(FileNotFoundError):  # the fake kernel makes no files in new groups
+        manager.new_group(Limits(pids=4))
+    assert not (parent / "j1").exists()  # a group whose limits could not be applied is removed
+    (parent / "cgroup.subtree_control").unlink()  # the fake kernel's file (a real rmdir ignores them)
+    manager.close()
+    assert not parent.exists()
+
+
+def test_v2_manager_names_missing_delegation(tmp_path: pathlib.Path) -> None:
+    """Without the controllers delegated, the manager says which and how to delegate them."""
+    from pytest_jail._cgroups.detect import Layout
+    from pytest_jail._cgroups.manager import Manager
+    from pytest_jail._cgroups.manager import Unavailable
+
+    with pytest.raises(Unavailable) as info:
+        Manager(Layout("v2", {}, str(tmp_path), frozenset({"memory", "pids"})))
+    assert "cpu are not delegated" in info.value.reason
+    assert "Delegate=yes" in info.value.remedy

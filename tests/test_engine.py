@@ -290,3 +290,10 @@ def test_binds(tmp_path: os.PathLike[str]) -> None:
     assert "Read-only file system" in result.stderr
     assert open(os.path.join(rw, "r.txt")).read() == "result\n"
     assert sorted(os.listdir(ro)) == ["data.txt"]
+
+
+def test_tmpfs_filler_gets_enospc() -> None:
+    """tmpfs='8M': a disk filler in /tmp gets ENOSPC, not the host's memory."""
+    result = Jail(JailSpec(tmpfs="8M")).run(["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=64; df -k /tmp"])
+    assert "No space left on device" in result.stderr
+    assert result.stdout.split("\n")[1].split()[1] == "8192"  # the size df reports, in KiB

@@ -157,3 +157,20 @@ def test_limits_from_cli_and_ini(jailed_pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory limit 64M, peak 64M)"])
     result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-memory=lots")
     result.stderr.fnmatch_lines(["ERROR: --jail-memory: memory='lots' is not valid; allowed: a size like*"])
+
+
+def test_jail_report_lists_the_heaviest_tests(jailed_pytester: pytest.Pytester) -> None:
+    """--jail-report lists jailed tests by peak memory and CPU time, under xdist too."""
+    pytest.importorskip("xdist", reason="needs pytest-xdist: pip install pytest-xdist")
+    jailed_pytester.makepyfile(
+        """
+        def test_big():
+            x = bytearray(80 << 20)
+
+        def test_small():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-report", "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*jail report: the heaviest jailed tests*", "peak memory:", "*M  *test_big*"])

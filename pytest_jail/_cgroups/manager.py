@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 from .base import Group
 from .base import Limits
+from .base import read
 from .base import rmdir_when_empty
+from .base import write
 from .detect import Layout
 from .detect import detect
 from .v1 import CONTROLLERS as V1_CONTROLLERS
@@ -82,10 +84,21 @@ class Manager:
             )
         clean_stale(own)
         path = os.path.join(own, self.name)
+        enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        try:
+            enabled = set(read(os.path.join(own, "cgroup.subtree_control")).split())
+            if not set(V2_CONTROLLERS) <= enabled:
+                write(os.path.join(own, "cgroup.subtree_control"), enable)
+        except OSError as exc:
+            # EBUSY: "no internal processes" (cgroups(7)): our own group holds processes (pytest).
+            raise Unavailable(
+                f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own} ({exc.strerror})",
+                "run pytest in a cgroup of its own, e.g. systemd-run --scope -p Delegate=yes pytest ...",
+            ) from None
         try:
             os.mkdir(path)
             with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
-                f.write(" ".join(f"+{c}" for c in V2_CONTROLLERS))
+                f.write(enable)
         except OSError:
             raise Unavailable(
                 f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",

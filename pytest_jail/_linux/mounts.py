@@ -50,6 +50,7 @@ def plan_mounts(
     exposures: Sequence[Exposure],
     *,
     closed: Iterable[str] = (),
+    tmp_size: int | None = None,
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -60,6 +61,7 @@ def plan_mounts(
 
     :param rootfs: ``None`` for a read-only view of the host's ``/``, else the tree to use as ``/``.
     :param exposures: host paths to show inside (the test's temp dir, the Python runtime, binds).
+    :param tmp_size: bytes for the private ``/tmp`` (and ``/dev/shm``); ``None``: the kernel's default.
     :param closed: host directories the jail's user cannot search (root mode); one on the way to an
         exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
     """
@@ -93,7 +95,7 @@ def plan_mounts(
             tree.expose(exposure)
     ops.append(("mount", "proc", NEW + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
     _plan_dev(ops)
-    tree.tmpfs("/tmp", "mode=1777")
+    tree.tmpfs("/tmp", "mode=1777" + (f",size={tmp_size}" if tmp_size else ""))
     for exposure in in_fresh:
         tree.expose(exposure)
     for path in sorted(tree.made_tmpfs, key=len, reverse=True):
