@@ -219,7 +219,9 @@ class Jail:
             raise
         status = self._exit_status(run)
         returncode = _returncode(status)
-        if not timed_out:
+        oom = run.usage is not None and run.usage.oom_kills > 0
+        if not timed_out and not oom:
+            # (With memory.oom.group on cgroup v2, the OOM killer takes init too: no status then.)
             self._raise_setup_error(run)
             if status is None:
                 raise JailSetupError("init", None, "the jail ended before it reported the command's status")
