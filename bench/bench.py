@@ -177,9 +177,15 @@ def overhead_ms(times: dict[str, list[float]], name: str, base: str, count: int)
 def latency_worker(iterations: int, warmup: int) -> None:
     """Run inside the venv: time each method alternately in-process and print JSON samples (s)."""
     from pytest_jail import Jail
+    from pytest_jail import JailSpec
 
     def jail() -> int:
         return Jail().run(["true"]).returncode
+
+    limited = Jail(JailSpec(memory="256M", cpus=1, pids=64))
+
+    def jail_limits() -> int:
+        return limited.run(["true"]).returncode
 
     def sub() -> int:
         return subprocess.run(["true"], check=False).returncode
@@ -187,7 +193,7 @@ def latency_worker(iterations: int, warmup: int) -> None:
     def bwrap() -> int:
         return subprocess.run(BWRAP_ARGV, check=False, capture_output=True).returncode
 
-    methods: dict[str, Callable[[], int]] = {"subprocess": sub, "jail": jail}
+    methods: dict[str, Callable[[], int]] = {"subprocess": sub, "jail": jail, "jail-limits": jail_limits}
     if shutil.which("bwrap"):
         methods["bwrap"] = bwrap
     samples: dict[str, list[float]] = {name: [] for name in methods}
@@ -287,17 +293,18 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         "subprocess": '`subprocess.run(["true"])`',
         "bwrap": "`bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev true`",
         "jail": '`Jail().run(["true"])`',
+        "jail-limits": '`Jail(JailSpec(memory="256M", cpus=1, pids=64)).run(["true"])`',
     }
     print("## Latency of one command (in-process, time.perf_counter)")
     print()
     print("| method | median (ms) | p10–p90 (ms) | vs subprocess, median (ms) |")
     print("|---|---:|---:|---:|")
     base = samples["subprocess"]
-    for name in ("subprocess", "bwrap", "jail"):
+    for name in ("subprocess", "bwrap", "jail", "jail-limits"):
         if name not in samples:
             continue
         median, p10, p90 = spread(samples[name])
-        deltas = [a - b for a, b in zip(samples[name], base)]
+        deltas = [a - b for a, b in zip(samples[name], base, strict=True)]
         delta = "—" if name == "subprocess" else f"{statistics.median(deltas):+.2f}"
         print(f"| {labels[name]} | {median:.2f} | {p10:.2f}–{p90:.2f} | {delta} |")
     if "bwrap" not in samples:
