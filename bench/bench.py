@@ -168,7 +168,7 @@ def measure_pytest(count: int, rounds: int) -> dict[str, list[float]]:
 
 def overhead_ms(times: dict[str, list[float]], name: str, base: str, count: int) -> list[float]:
     """Per-test overhead of ``name`` over ``base`` in each round (pair-wise), in ms."""
-    return [(t - b) / count * 1000 for t, b in zip(times[name], times[base])]
+    return [(t - b) / count * 1000 for t, b in zip(times[name], times[base], strict=True)]
 
 
 # -- Jail().run latency -----------------------------------------------------------------------------
