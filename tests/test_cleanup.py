@@ -62,6 +62,22 @@ def _tagged(tag: str) -> list[str]:
     return found
 
 
+def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: object) -> None:
+    """Run pytest on ``test`` in ``path``, wait until ``started()``, then send it ``how``."""
+    # One pytest process (no xdist), so the signal reaches the process that holds the jail.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", test],
+        cwd=path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_sigint,
+    )
+    try:
+        assert _wait_until(started), f"the jail of {test} never started"
+        proc.send_signal(how)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _default_sigint() -> None:
     # A background shell starts its jobs with SIGINT ignored, and that survives exec; Ctrl-C
     # must reach pytest as it does at a terminal.
@@ -107,31 +123,9 @@ def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, h
         """
     )
     before = snapshot(orphans_only=True)
-    # -n 0 and -p no:xdist keep pytest a single process, so the signal reaches the right one.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-x", "--jail-timeout=120", "-k", "command"],
-        cwd=jailed_pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_sigint,
-    )
-    try:
-        assert _wait_until(lambda: len(_tagged(f"{tag}-cmd")) >= 2), "the command's processes never started"
-        proc.send_signal(how)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert _wait_until(lambda: not _tagged(tag)), f"still running: {_tagged(tag)}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "body"],
-        cwd=jailed_pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_sigint,
-    )
-    try:
-        assert _wait_until(lambda: bool(_tagged(f"{tag}-body"))), "the body's daemon never started"
-        proc.send_signal(how)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert _wait_until(lambda: not _tagged(tag)), f"still running: {_tagged(tag)}"
+    for test, running in (("command", f"{tag}-cmd"), ("body", f"{tag}-body")):
+        _kill_pytest_while(jailed_pytester.path, test, how, lambda name=running: bool(_tagged(name)))
+        assert _wait_until(lambda: not _tagged(tag)), f"still running: {_tagged(tag)}"
     # A killed pytest cannot remove its cgroups; the next run does, at start-up.
     jailed_pytester.runpytest_subprocess("-k", "nothing-matches")
     assert _wait_until(lambda: new_since(before) == {}), new_since(before)
