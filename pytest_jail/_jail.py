@@ -590,6 +590,7 @@ def _usage_fields(run: _Run, spec: JailSpec) -> dict[str, Any]:
         "peak_memory": usage.peak_memory,
         "pids_limit_hit": usage.pids_denied,
         "memory_limit": spec.memory,
+        "memory_budget": manager().budget,
         "pids_limit": spec.pids or DEFAULT_PIDS,
     }
 

@@ -48,6 +48,7 @@ class JailResult:
     pids_limit_hit: int = 0  # forks refused at the process limit
     timeout: float | None = field(default=None, repr=False)
     memory_limit: int | None = field(default=None, repr=False)
+    memory_budget: int | None = field(default=None, repr=False)
     pids_limit: int | None = field(default=None, repr=False)
 
     def verdict(self) -> str:
@@ -56,6 +57,8 @@ class JailResult:
             return f"timed out after {self.timeout}s (wall clock); the whole jail was killed"
         if self.oom_killed:
             limit = "" if self.memory_limit is None else f"memory limit {format_size(self.memory_limit)}, "
+            if self.memory_limit is None and self.memory_budget is not None:
+                limit = f"memory budget of this pytest process {format_size(self.memory_budget)}, "
             peak = "unknown" if self.peak_memory is None else format_size_rounded(self.peak_memory)
             return f"killed by the OOM killer ({limit}peak {peak})"
         if self.pids_limit_hit:

@@ -21,6 +21,7 @@ import pytest
 
 from . import hooks
 from ._cgroups.manager import clean_stale_everywhere
+from ._cgroups.manager import set_budget
 from ._errors import JailConfigError
 from ._errors import JailError
 from ._errors import JailSetupError
@@ -38,6 +39,7 @@ from ._result import JailResult
 from ._result import describe_status
 from ._result import format_size_rounded
 from ._spec import JailSpec
+from ._spec import parse_size
 
 # (option, ini name, spec field, help)
 _OPTIONS = (
@@ -70,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--jail-all", dest="jail_all", action="store_true", default=None,
                     help="jail every test, as if each had the jail marker")
     parser.addini("jail_all", "jail every test", type="bool", default=False)
+    group.addoption("--jail-memory-total", dest="jail_memory_total", default=None,
+                    help="memory for all jails of the session together, e.g. 4G (split among xdist workers)")
+    parser.addini("jail_memory_total", "memory for all jails of the session together")
     group.addoption("--jail-report", dest="jail_report", action="store_true", default=False,
                     help="list the jailed tests that used the most memory and CPU at the end")
     group.addoption("--jail-unavailable", dest="jail_unavailable", default=None,
@@ -91,6 +96,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except JailConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
+    set_budget(_memory_total(config))
     if config.option.jail_report:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
@@ -118,6 +124,20 @@ def _relative(field: str, value: Any, base: str) -> Any:
     if field == "rootfs" and isinstance(value, str) and value not in ("", "none", "None"):
         return os.path.join(base, value)
     return None if field == "rootfs" else value
+
+
+def _memory_total(config: pytest.Config) -> int | None:
+    """The session's memory budget, as this process's share: each xdist worker gets 1/N."""
+    value = config.option.jail_memory_total or config.getini("jail_memory_total")
+    if not value:
+        return None
+    source = "--jail-memory-total" if config.option.jail_memory_total else "ini jail_memory_total"
+    try:
+        total = parse_size(value)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{source}: {value!r} is not valid; allowed: {exc}") from None
+    workerinput = getattr(config, "workerinput", None)  # set by pytest-xdist on its workers
+    return total // int(workerinput["workercount"]) if workerinput else total
 
 
 def _unavailable_policy(config: pytest.Config) -> str:

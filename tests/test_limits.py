@@ -174,3 +174,25 @@ def test_jail_report_lists_the_heaviest_tests(jailed_pytester: pytest.Pytester) 
     result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-report", "-n", "2", "-p", "xdist")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*jail report: the heaviest jailed tests*", "peak memory:", "*M  *test_big*"])
+
+
+def test_session_memory_budget(jailed_pytester: pytest.Pytester) -> None:
+    """--jail-memory-total caps all jails of the session together; a jail that breaks it is named."""
+    jailed_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.jail
+        def test_greedy():
+            x = bytearray(200 << 20)
+
+        @pytest.mark.jail
+        def test_modest():
+            x = bytearray(20 << 20)
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-memory-total=96M")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory budget of this pytest process 96M, peak *)"])
+    result = jailed_pytester.runpytest_subprocess("--jail-memory-total=lots")
+    result.stderr.fnmatch_lines(["ERROR: --jail-memory-total: 'lots' is not valid; allowed: a size like*"])

@@ -46,6 +46,7 @@ class Manager:
         self._counter = itertools.count(1)
         self.parents: dict[str, str] = {}
         self.v2_parent: str | None = None
+        self.budget: int | None = None
         if layout.kind in ("v1", "hybrid"):
             self._make_v1_parents()
         elif layout.kind == "v2":
@@ -105,6 +106,23 @@ class Manager:
                 "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
             ) from None
         self.v2_parent = path
+
+    def set_budget(self, memory: int | None) -> None:
+        """Cap the memory of all of this process's jails together (``--jail-memory-total``)."""
+        if memory is None:
+            return
+        if self.v2_parent is not None:
+            write(os.path.join(self.v2_parent, "memory.max"), str(memory))
+            swap = os.path.join(self.v2_parent, "memory.swap.max")
+            if os.path.exists(swap):
+                write(swap, "0")
+        else:
+            parent = self.parents["memory"]
+            write(os.path.join(parent, "memory.limit_in_bytes"), str(memory))
+            memsw = os.path.join(parent, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                write(memsw, str(memory))
+        self.budget = memory
 
     def new_group(self, limits: Limits) -> Group:
         """A fresh group for one jail, with ``limits`` applied."""
@@ -197,6 +215,13 @@ def _children_first(path: str) -> Iterator[str]:
 
 _manager: Manager | None = None
 _failure: Unavailable | None = None
+_budget: int | None = None
+
+
+def set_budget(memory: int | None) -> None:
+    """Memory for all jails of this process together; applied when the manager is made."""
+    global _budget
+    _budget = memory
 
 
 def manager() -> Manager:
@@ -212,4 +237,5 @@ def manager() -> Manager:
         _failure = exc
         raise
     atexit.register(_manager.close)
+    _manager.set_budget(_budget)
     return _manager
