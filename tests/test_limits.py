@@ -3,6 +3,7 @@ contained, CPU throttled, accounting in reports (issue 3; runs on this host's cg
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -194,5 +195,8 @@ def test_session_memory_budget(jailed_pytester: pytest.Pytester) -> None:
     result = jailed_pytester.runpytest_subprocess("--jail-memory-total=96M")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory budget of this pytest process 96M, peak *)"])
+    if importlib.util.find_spec("xdist"):  # two workers share the budget: half each
+        result = jailed_pytester.runpytest_subprocess("--jail-memory-total=192M", "-n", "2", "-p", "xdist")
+        result.stdout.fnmatch_lines(["*memory budget of this pytest process 96M*"])
     result = jailed_pytester.runpytest_subprocess("--jail-memory-total=lots")
     result.stderr.fnmatch_lines(["ERROR: --jail-memory-total: 'lots' is not valid; allowed: a size like*"])
