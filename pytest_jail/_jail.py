@@ -247,12 +247,12 @@ class Jail:
     # -- the checklist ------------------------------------------------------------------------
 
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
-        group = _cgroup_for(spec)
         root_map = uses_root_map()
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
             _check_readable_by_jail(exposures)
         plan = _plan(spec.rootfs, exposures, root_map, spec.tmpfs)
+        group = _cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         launch = _child.Launch(
@@ -500,7 +500,7 @@ class Call:
 DEFAULT_PIDS = 4096
 
 
-def _cgroup_for(spec: JailSpec) -> Group | None:
+def _cgroup_for(spec: JailSpec, exposures: tuple[Exposure, ...]) -> Group | None:
     """The jail's cgroup with its limits applied; ``None`` where cgroups are unavailable and no
     limit was asked for. A limit is never silently ignored."""
     try:
@@ -510,11 +510,44 @@ def _cgroup_for(spec: JailSpec) -> Group | None:
             names = ", ".join(spec.limits)
             raise JailUnavailableError(f"cannot enforce {names}: {exc.reason}", exc.remedy) from None
         return None
-    limits = Limits(memory=spec.memory, cpus=spec.cpus, pids=spec.pids or DEFAULT_PIDS)
+    io = spec.io or {}
+    devices: tuple[str, ...] = ()
+    if io:
+        writable = ["/", *(e.source for e in exposures if e.writable)]
+        devices = _disks(writable)
+        if not devices:
+            raise JailUnavailableError(
+                "cannot enforce io: the jail writes to no block device here (only memory filesystems)",
+                "drop the io limit, or bind a directory on a disk with binds=[...:rw]",
+            )
+    limits = Limits(memory=spec.memory, cpus=spec.cpus, pids=spec.pids or DEFAULT_PIDS,
+                    io_read=io.get("read"), io_write=io.get("write"), io_devices=devices)
     try:
         return cgroups.new_group(limits)
+    except Unavailable as exc:
+        raise JailUnavailableError(f"cannot enforce io: {exc.reason}", exc.remedy) from None
     except OSError as exc:
         raise JailSetupError("cgroup", exc.errno, exc.strerror or str(exc), exc.filename) from None
+
+
+def _disks(paths: list[str]) -> tuple[str, ...]:
+    """The whole disks ("major:minor") under the filesystems of ``paths``; partitions map to
+    their disk, since the kernel throttles IO per disk."""
+    disks = []
+    for path in paths:
+        try:
+            dev = os.stat(path).st_dev
+        except OSError:
+            continue
+        sysfs = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        if not os.path.exists(sysfs):
+            continue  # tmpfs, overlay and other filesystems without a block device
+        if os.path.exists(os.path.join(sysfs, "partition")):
+            with open(os.path.join(sysfs, "..", "dev")) as f:
+                disks.append(f.read().strip())
+        else:
+            disks.append(f"{os.major(dev)}:{os.minor(dev)}")
+    return tuple(sorted(set(disks)))
 
 
 def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool, tmp_size: int | None) -> list[Any]:

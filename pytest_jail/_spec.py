@@ -84,6 +84,8 @@ class JailSpec:
     :param binds: extra bind mounts, ``"SRC:DST[:ro|rw]"`` strings or :class:`Bind`.
     :param memory: memory limit (bytes or ``"64M"``); :param cpus: cores; :param pids: tasks.
     :param tmpfs: size of the private ``/tmp`` (``"100M"``): a disk filler gets ENOSPC.
+    :param io: bytes per second read and written on the disks the jail writes to,
+        ``{"read": "10M", "write": "10M"}``.
     """
 
     rootfs: str | None = None
@@ -96,6 +98,7 @@ class JailSpec:
     env: Mapping[str, str] | None = None
     binds: tuple[Bind, ...] = field(default=())
     tmpfs: int | None = None
+    io: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -109,6 +112,8 @@ class JailSpec:
             set_(self, "memory", _convert("memory", self.memory, parse_size))
         if self.tmpfs is not None:
             set_(self, "tmpfs", _convert("tmpfs", self.tmpfs, parse_size))
+        if self.io is not None:
+            set_(self, "io", _convert("io", self.io, _io_limits))
         if self.cpus is not None:
             set_(self, "cpus", _convert("cpus", self.cpus, _positive_float))
         if self.pids is not None:
@@ -134,7 +139,9 @@ class JailSpec:
     def limits(self) -> dict[str, Any]:
         """The resource limits asked for (memory, cpus, pids), without the unset ones."""
         return {
-            k: v for k, v in (("memory", self.memory), ("cpus", self.cpus), ("pids", self.pids)) if v
+            k: v
+            for k, v in (("memory", self.memory), ("cpus", self.cpus), ("pids", self.pids), ("io", self.io))
+            if v
         }
 
     def merged(self, source: str, changes: Mapping[str, Any]) -> JailSpec:
@@ -178,6 +185,12 @@ def _positive_int(value: object) -> int:
     except ValueError:
         raise ValueError("a positive whole number") from None
     return int(value)
+
+
+def _io_limits(value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not value or not set(value) <= {"read", "write"}:
+        raise ValueError("a dict with 'read' and/or 'write' bytes per second, e.g. {'write': '10M'}")
+    return {k: parse_size(v) for k, v in value.items()}
 
 
 def _to_bind(value: object) -> Bind:

@@ -127,9 +127,9 @@ def test_v2_manager_enables_controllers_and_nests_groups(tmp_path: pathlib.Path)
     (own / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (own / "cgroup.subtree_control").write_text("")
     manager = Manager(Layout("v2", {}, str(own), frozenset({"cpuset", "cpu", "io", "memory", "pids"})))
-    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu +pids +io"
     parent = own / manager.name
-    assert (parent / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +cpu +pids +io"
     with pytest.raises(FileNotFoundError):  # the fake kernel makes no files in new groups
         manager.new_group(Limits(pids=4))
     assert not (parent / "j1").exists()  # a group whose limits could not be applied is removed
@@ -148,3 +148,20 @@ def test_v2_manager_names_missing_delegation(tmp_path: pathlib.Path) -> None:
         Manager(Layout("v2", {}, str(tmp_path), frozenset({"memory", "pids"})))
     assert "cpu are not delegated" in info.value.reason
     assert "Delegate=yes" in info.value.remedy
+
+
+def test_io_writers(tmp_path: pathlib.Path) -> None:
+    """IO limits: blkio.throttle.*_bps_device per disk on v1, one io.max line per disk on v2."""
+    group = V2Group(str(tmp_path), "g")
+    _fake_kernel(tmp_path / "g", ["io.max"])
+    group.apply(Limits(io_write=2 << 20, io_devices=("254:0",)))
+    assert (tmp_path / "g" / "io.max").read_text() == f"254:0 rbps=max wbps={2 << 20}"
+    parents = {c: str(tmp_path / c) for c in ("memory", "cpuacct", "pids", "freezer", "blkio")}
+    for path in parents.values():
+        os.mkdir(path)
+    v1 = V1Group(parents, "j", cpu=False, io=True)
+    blkio = tmp_path / "blkio" / "j"
+    _fake_kernel(blkio, ["blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"])
+    v1.apply(Limits(io_read=1 << 20, io_devices=("8:0",)))
+    assert (blkio / "blkio.throttle.read_bps_device").read_text() == f"8:0 {1 << 20}"
+    assert (blkio / "blkio.throttle.write_bps_device").read_text() == ""

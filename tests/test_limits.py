@@ -200,3 +200,37 @@ def test_session_memory_budget(jailed_pytester: pytest.Pytester) -> None:
         result.stdout.fnmatch_lines(["*memory budget of this pytest process 96M*"])
     result = jailed_pytester.runpytest_subprocess("--jail-memory-total=lots")
     result.stderr.fnmatch_lines(["ERROR: --jail-memory-total: 'lots' is not valid; allowed: a size like*"])
+
+
+def _dd_seconds(result_stderr: str) -> float:
+    # dd's own figure: "6291456 bytes (6.3 MB, 6.0 MiB) copied, 3.01 s, 2.1 MB/s"
+    line = next(line for line in result_stderr.splitlines() if "copied" in line)
+    return float(line.split("copied,")[1].split()[0])
+
+
+def test_io_write_limit_throttles_the_disk(tmp_path: os.PathLike[str]) -> None:
+    """io={'write': '2M'}: direct writes to a disk-backed bind go at about 2 MB/s (dd's figure)."""
+    from pytest_jail._jail import _disks
+
+    out = os.path.join(tmp_path, "out")
+    os.mkdir(out)
+    os.chmod(out, 0o777)
+    os.chmod(tmp_path, 0o755)
+    if not _disks([out]):
+        pytest.skip(f"{out} is on no block device (a memory filesystem): nothing to throttle")
+    script = "dd if=/dev/zero of=/out/f bs=1M count=6 oflag=direct"
+    free = Jail(JailSpec(binds=[f"{out}:/out:rw"])).run(["sh", "-c", script])
+    limited = Jail(JailSpec(binds=[f"{out}:/out:rw"], io={"write": "2M"})).run(["sh", "-c", script])
+    assert free.returncode == 0 and limited.returncode == 0, (free, limited)
+    assert _dd_seconds(limited.stderr) >= 2.0, limited.stderr  # 6 MiB at 2 MiB/s, minus a first slice
+    assert _dd_seconds(limited.stderr) > 2 * _dd_seconds(free.stderr)
+
+
+def test_io_limit_names_what_it_needs() -> None:
+    """An io limit on a jail that writes to no disk says why it cannot be enforced."""
+    from pytest_jail._jail import _disks
+
+    if _disks(["/"]):
+        pytest.skip("/ is on a disk here; the refusal shows only where every writable path is in memory")
+    with pytest.raises(Exception, match="cannot enforce io: the jail writes to no block device"):
+        Jail(JailSpec(io={"write": "1M"})).run(["true"])

@@ -101,3 +101,12 @@ def test_spec_is_frozen_and_hashable() -> None:
         spec.net = "host"  # type: ignore[misc]
     assert spec.limits == {}
     assert JailSpec(pids=5, memory="1M").limits == {"memory": 1 << 20, "pids": 5}
+
+
+def test_io_limits() -> None:
+    """io takes read and/or write bytes per second; anything else is refused in one line."""
+    assert JailSpec(io={"write": "10M"}).io == {"write": 10 << 20}
+    assert JailSpec(io={"read": 1000, "write": "1k"}).limits == {"io": {"read": 1000, "write": 1024}}
+    for bad in ({}, {"speed": "1M"}, "10M", {"read": "fast"}):
+        with pytest.raises(JailConfigError, match="io=.* is not valid; allowed: "):
+            JailSpec(io=bad)  # type: ignore[arg-type]

@@ -15,6 +15,9 @@ class Limits:
     memory: int | None = None  # bytes, swap included
     cpus: float | None = None  # cores of CPU bandwidth
     pids: int | None = None  # tasks (processes and threads) alive at once
+    io_read: int | None = None  # bytes per second, on each of io_devices
+    io_write: int | None = None
+    io_devices: tuple[str, ...] = ()  # "major:minor" of whole disks
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class Manager:
             raise Unavailable(f"the v1 cgroup controllers {', '.join(missing)} are not mounted",
                               "mount them under /sys/fs/cgroup, or boot with cgroup v2")
         for controller, own in self.layout.v1.items():
-            if controller not in (*V1_CONTROLLERS, "cpu"):
+            if controller not in (*V1_CONTROLLERS, "cpu", "blkio"):
                 continue
             clean_stale(own)
             path = os.path.join(own, self.name)
@@ -85,7 +85,8 @@ class Manager:
             )
         clean_stale(own)
         path = os.path.join(own, self.name)
-        enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        optional = [c for c in ("io",) if c in self.layout.v2_controllers]
+        enable = " ".join(f"+{c}" for c in (*V2_CONTROLLERS, *optional))
         try:
             enabled = set(read(os.path.join(own, "cgroup.subtree_control")).split())
             if not set(V2_CONTROLLERS) <= enabled:
@@ -131,7 +132,10 @@ class Manager:
         if self.v2_parent is not None:
             group = V2Group(self.v2_parent, name)
         else:
-            group = V1Group(self.parents, name, cpu=limits.cpus is not None)
+            io = bool(limits.io_read or limits.io_write)
+            if io and "blkio" not in self.parents:
+                raise Unavailable("the blkio cgroup controller is not mounted", "mount it, or drop the io limit")
+            group = V1Group(self.parents, name, cpu=limits.cpus is not None, io=io)
         try:
             group.apply(limits)
         except BaseException:

@@ -22,8 +22,8 @@ CONTROLLERS = ("memory", "cpuacct", "pids", "freezer")
 class V1Group:
     """A jail's group on v1: ``dirs`` maps each controller to the group's directory."""
 
-    def __init__(self, parents: dict[str, str], name: str, *, cpu: bool) -> None:
-        wanted = CONTROLLERS + (("cpu",) if cpu else ())
+    def __init__(self, parents: dict[str, str], name: str, *, cpu: bool, io: bool = False) -> None:
+        wanted = CONTROLLERS + (("cpu",) if cpu else ()) + (("blkio",) if io else ())
         self.dirs = {c: os.path.join(parents[c], name) for c in wanted if c in parents}
         for path in self.dirs.values():
             os.mkdir(path)
@@ -44,6 +44,9 @@ class V1Group:
             write(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), str(round(limits.cpus * CPU_PERIOD_US)))
         if limits.pids is not None:
             write(os.path.join(self.dirs["pids"], "pids.max"), str(limits.pids))
+        for kind, bps in (("read", limits.io_read), ("write", limits.io_write)):
+            for device in limits.io_devices if bps else ():
+                write(os.path.join(self.dirs["blkio"], f"blkio.throttle.{kind}_bps_device"), f"{device} {bps}")
 
     def usage(self) -> Usage:
         memory = self.dirs.get("memory")

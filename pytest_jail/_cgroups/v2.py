@@ -35,6 +35,9 @@ class V2Group:
             write(os.path.join(self.path, "cpu.max"), f"{round(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
         if limits.pids is not None:
             write(os.path.join(self.path, "pids.max"), str(limits.pids))
+        for device in limits.io_devices if (limits.io_read or limits.io_write) else ():
+            rbps, wbps = limits.io_read or "max", limits.io_write or "max"
+            write(os.path.join(self.path, "io.max"), f"{device} rbps={rbps} wbps={wbps}")
 
     def usage(self) -> Usage:
         peak_file = os.path.join(self.path, "memory.peak")  # Linux 5.19
