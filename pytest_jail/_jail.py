@@ -12,8 +12,6 @@ import os
 import select
 import selectors
 import signal
-import stat
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,75 +19,33 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
-from functools import lru_cache
 from typing import Any
 from typing import final
 
 from . import _child
 from . import _wire
 from ._cgroups import Group
-from ._cgroups import Limits
 from ._cgroups import Usage
-from ._cgroups.manager import Unavailable
-from ._cgroups.manager import manager
 from ._errors import JailConfigError
 from ._errors import JailSetupError
-from ._errors import JailUnavailableError
-from ._linux.mounts import OLD
+from ._limits import cgroup_for
+from ._limits import usage_fields
 from ._linux.mounts import Exposure
-from ._linux.mounts import closed_ancestors
-from ._linux.mounts import plan_mounts
 from ._result import JailResult
 from ._spec import JailSpec
+from ._view import ROOT_MAP_BASE
+from ._view import ROOT_MAP_SIZE
+from ._view import bind_sources
+from ._view import check_readable_by_jail
+from ._view import jail_cwd
+from ._view import plan_for
+from ._view import runtime_paths
+from ._view import uses_root_map
 
-#: In root mode the jail's uids and gids 0..65535 are host ids ROOT_MAP_BASE..ROOT_MAP_BASE+65535,
-#: so the jail's root is never the host's root. The range sits just below 2**31, far from the
-#: ranges useradd hands out in /etc/subuid (100000 upwards), so no user on the host owns it.
-ROOT_MAP_BASE = 2**31 - 2 * 65536
-ROOT_MAP_SIZE = 65536
+__all__ = ["ROOT_MAP_BASE", "Call", "Jail", "runtime_paths", "uses_root_map"]
+
 _KILL_GRACE = 10.0  # seconds to wait for a killed jail's last process before giving up
 SETUP_TIMEOUT = 60.0  # seconds for a jail to be built (its own timeout starts after)
-
-
-def in_initial_user_namespace() -> bool:
-    """True when this process sees the host's full id range (so ``uid 0`` is the host's root)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
-
-
-def uses_root_map() -> bool:
-    """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids."""
-    return _root_map(os.getpid(), os.geteuid())
-
-
-@lru_cache(maxsize=4)
-def _root_map(pid: int, euid: int) -> bool:  # per process: a jailed body is a fork in another userns
-    return euid == 0 and in_initial_user_namespace()
-
-
-def runtime_paths() -> list[str]:
-    """Where this Python's code lives: what a test body needs to import and format tracebacks."""
-    return list(_runtime_paths(tuple(sys.path), os.getcwd()))
-
-
-@lru_cache(maxsize=8)
-def _runtime_paths(path: tuple[str, ...], cwd: str) -> tuple[str, ...]:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    paths.update(p for p in path if p and os.path.isdir(p))
-    paths.add(cwd)
-    return tuple(_outermost(os.path.realpath(p) for p in paths))
-
-
-def _outermost(paths: Any) -> list[str]:
-    result: list[str] = []
-    for path in sorted(set(paths)):
-        if path == "/" or any(path.startswith(r.rstrip("/") + "/") for r in result):
-            continue
-        result.append(path)
-    return result
 
 
 @dataclass
@@ -234,7 +190,7 @@ class Jail:
             duration=time.monotonic() - run.started,
             cpu_time=_cpu_time(run),
             timeout=spec.timeout,
-            **_usage_fields(run, spec),
+            **usage_fields(run.usage, spec),
         )._checked(check)
 
     def start_call(self, body: Callable[[], Any], *, cwd: str | None = None) -> Call:
@@ -250,9 +206,9 @@ class Jail:
         root_map = uses_root_map()
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
-            _check_readable_by_jail(exposures)
-        plan = _plan(spec.rootfs, exposures, root_map, spec.tmpfs)
-        group = _cgroup_for(spec, exposures)
+            check_readable_by_jail(exposures)
+        plan = plan_for(spec.rootfs, exposures, root_map, spec.tmpfs)
+        group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         launch = _child.Launch(
@@ -260,11 +216,11 @@ class Jail:
             hostname=spec.hostname,
             share_net=spec.net == "host",
             root_map=root_map,
-            cwd=_jail_cwd(cwd, spec.rootfs, exposures),
+            cwd=jail_cwd(cwd, spec.rootfs, exposures),
             status_w=status_w,
             control_r=control_r,
             parent_pid=os.getpid(),
-            sources=_bind_sources(plan) if root_map else {},
+            sources=bind_sources(plan) if root_map else {},
             cgroup_procs=group.procs_files if group is not None else [],
             **payload,
         )
@@ -480,7 +436,7 @@ class Call:
             timeout=spec.timeout,
             duration=self.duration,
             cpu_time=self.cpu_time,
-            **_usage_fields(self._run, spec),
+            **usage_fields(self._run.usage, spec),
         )
 
     @property
@@ -496,136 +452,10 @@ class Call:
         self._jail._abandon(self._run)
 
 
-#: The process cap of a jail that names none: a fork bomb stops here, not at the host's limit.
-DEFAULT_PIDS = 4096
-
-
-def _cgroup_for(spec: JailSpec, exposures: tuple[Exposure, ...]) -> Group | None:
-    """The jail's cgroup with its limits applied; ``None`` where cgroups are unavailable and no
-    limit was asked for. A limit is never silently ignored."""
-    try:
-        cgroups = manager()
-    except Unavailable as exc:
-        if spec.limits:
-            names = ", ".join(spec.limits)
-            raise JailUnavailableError(f"cannot enforce {names}: {exc.reason}", exc.remedy) from None
-        return None
-    io = spec.io or {}
-    devices: tuple[str, ...] = ()
-    if io:
-        writable = ["/", *(e.source for e in exposures if e.writable)]
-        devices = _disks(writable)
-        if not devices:
-            raise JailUnavailableError(
-                "cannot enforce io: the jail writes to no block device here (only memory filesystems)",
-                "drop the io limit, or bind a directory on a disk with binds=[...:rw]",
-            )
-    limits = Limits(memory=spec.memory, cpus=spec.cpus, pids=spec.pids or DEFAULT_PIDS,
-                    io_read=io.get("read"), io_write=io.get("write"), io_devices=devices)
-    try:
-        return cgroups.new_group(limits)
-    except Unavailable as exc:
-        raise JailUnavailableError(f"cannot enforce io: {exc.reason}", exc.remedy) from None
-    except OSError as exc:
-        raise JailSetupError("cgroup", exc.errno, exc.strerror or str(exc), exc.filename) from None
-
-
-def _disks(paths: list[str]) -> tuple[str, ...]:
-    """The whole disks ("major:minor") under the filesystems of ``paths``; partitions map to
-    their disk, since the kernel throttles IO per disk."""
-    disks = []
-    for path in paths:
-        try:
-            dev = os.stat(path).st_dev
-        except OSError:
-            continue
-        sysfs = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-        if not os.path.exists(sysfs):
-            continue  # tmpfs, overlay and other filesystems without a block device
-        if os.path.exists(os.path.join(sysfs, "partition")):
-            with open(os.path.join(sysfs, "..", "dev")) as f:
-                disks.append(f.read().strip())
-        else:
-            disks.append(f"{os.major(dev)}:{os.minor(dev)}")
-    return tuple(sorted(set(disks)))
-
-
-def _plan(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool, tmp_size: int | None) -> list[Any]:
-    closed = closed_ancestors(e.source for e in exposures) if root_map else set()
-    # The rootfs's modification time is in the key: its top-level entries are in the plan.
-    version = os.stat(rootfs).st_mtime_ns if rootfs is not None else 0
-    return _cached_plan(rootfs, version, exposures, frozenset(closed), tmp_size)
-
-
-@lru_cache(maxsize=64)
-def _cached_plan(
-    rootfs: str | None, version: int, exposures: tuple[Exposure, ...], closed: frozenset[str], tmp_size: int | None
-) -> list[Any]:
-    return plan_mounts(rootfs, exposures, closed=closed, tmp_size=tmp_size)
-
-
-def _check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
-    """Root mode: the jail runs as an unprivileged host uid; a 0700 directory it needs is a host limit."""
-    for exposure in exposures:
-        try:
-            st = os.stat(exposure.source)
-        except OSError:
-            continue
-        mode = st.st_mode
-        if st.st_uid == ROOT_MAP_BASE:  # the test's temp dir, handed to the jail's root
-            mode >>= 6
-        elif st.st_gid == ROOT_MAP_BASE:
-            mode >>= 3
-        needed = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
-        if mode & needed != needed:
-            raise JailUnavailableError(
-                f"the jail's root is host uid {ROOT_MAP_BASE} (pytest runs as root), which cannot read "
-                f"{exposure.source} (mode {stat.S_IMODE(st.st_mode):04o})",
-                f"make it readable (chmod o+rx {exposure.source}), or run pytest as an unprivileged user",
-            )
-
-
-def _bind_sources(plan: list[Any]) -> dict[str, int]:
-    """Root mode: every host path the plan binds, to be opened while still the host's root."""
-    prefix = OLD + "/"
-    return {op[1][len(OLD):]: -1 for op in plan if op[0] == "bind" and op[1].startswith(prefix)}
-
-
-def _jail_cwd(cwd: str | None, rootfs: str | None, exposures: tuple[Exposure, ...]) -> str:
-    """The caller's directory where the jail shows it (never /tmp, which is private), else ``/``."""
-    if cwd is not None:
-        return cwd
-    here = os.getcwd()
-    if any(_is_under(here, e.target) for e in exposures):
-        return here
-    if rootfs is None and not any(_is_under(here, p) for p in ("/tmp", "/proc", "/dev")):
-        return here
-    return "/"
-
-
-def _is_under(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
 def _returncode(status: int | None) -> int:
     if status is None:
         return -signal.SIGKILL
     return os.waitstatus_to_exitcode(status)
-
-
-def _usage_fields(run: _Run, spec: JailSpec) -> dict[str, Any]:
-    """What the jail's cgroup counted, as JailResult fields."""
-    usage = run.usage
-    if usage is None:
-        return {}
-    return {
-        "oom_killed": usage.oom_kills > 0,
-        "peak_memory": usage.peak_memory,
-        "pids_limit_hit": usage.pids_denied,
-        "memory_limit": spec.memory,
-        "memory_budget": manager().budget,
-        "pids_limit": spec.pids or DEFAULT_PIDS,
-    }
 
 
 def _cpu_time(run: _Run) -> float | None:

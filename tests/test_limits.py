@@ -210,7 +210,7 @@ def _dd_seconds(result_stderr: str) -> float:
 
 def test_io_write_limit_throttles_the_disk(tmp_path: os.PathLike[str]) -> None:
     """io={'write': '2M'}: direct writes to a disk-backed bind go at about 2 MB/s (dd's figure)."""
-    from pytest_jail._jail import _disks
+    from pytest_jail._limits import disks as _disks
 
     out = os.path.join(tmp_path, "out")
     os.mkdir(out)
@@ -228,7 +228,7 @@ def test_io_write_limit_throttles_the_disk(tmp_path: os.PathLike[str]) -> None:
 
 def test_io_limit_names_what_it_needs() -> None:
     """An io limit on a jail that writes to no disk says why it cannot be enforced."""
-    from pytest_jail._jail import _disks
+    from pytest_jail._limits import disks as _disks
 
     if _disks(["/"]):
         pytest.skip("/ is on a disk here; the refusal shows only where every writable path is in memory")
