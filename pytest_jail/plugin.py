@@ -21,6 +21,7 @@ import pytest
 
 from . import hooks
 from ._cgroups.manager import clean_stale_everywhere
+from ._cgroups.manager import prepare_delegation
 from ._cgroups.manager import set_budget
 from ._errors import JailConfigError
 from ._errors import JailError
@@ -100,6 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.jail_report:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
+    if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
+        prepare_delegation()  # pytest-xdist's main process, before it starts its workers
     if _unavailable_policy(config) not in ("fail", "skip"):
         raise pytest.UsageError(
             f"{_unavailable_source(config)}: {_unavailable_policy(config)!r} is not allowed; allowed: fail, skip"

@@ -9,6 +9,7 @@ the next start by its dead owner pid, emptied and removed.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import os
 import secrets
@@ -75,7 +76,7 @@ class Manager:
             self.parents[controller] = path
 
     def _make_v2_parent(self) -> None:
-        own = self.layout.v2
+        own = os.environ.get(ROOT_ENV) or self.layout.v2
         assert own is not None
         missing = [c for c in V2_CONTROLLERS if c not in self.layout.v2_controllers]
         if missing:
@@ -85,22 +86,11 @@ class Manager:
             )
         clean_stale(own)
         path = os.path.join(own, self.name)
-        optional = [c for c in ("io",) if c in self.layout.v2_controllers]
-        enable = " ".join(f"+{c}" for c in (*V2_CONTROLLERS, *optional))
-        try:
-            enabled = set(read(os.path.join(own, "cgroup.subtree_control")).split())
-            if not set(V2_CONTROLLERS) <= enabled:
-                write(os.path.join(own, "cgroup.subtree_control"), enable)
-        except OSError as exc:
-            # EBUSY: "no internal processes" (cgroups(7)): our own group holds processes (pytest).
-            raise Unavailable(
-                f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own} ({exc.strerror})",
-                "run pytest in a cgroup of its own, e.g. systemd-run --scope -p Delegate=yes pytest ...",
-            ) from None
+        enable_children(own, self.layout, self.name)
         try:
             os.mkdir(path)
             with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
-                f.write(enable)
+                f.write(_enable_line(self.layout))
         except OSError:
             raise Unavailable(
                 f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
@@ -151,6 +141,68 @@ class Manager:
             _remove_tree(path)
         self.parents.clear()
         self.v2_parent = None
+
+
+#: Set by a pytest that moved itself into a leaf of its delegated group: where its xdist workers
+#: (born in that leaf) make their groups.
+ROOT_ENV = "PYTEST_JAIL_CGROUP_ROOT"
+
+
+def _enable_line(layout: Layout) -> str:
+    optional = [c for c in ("io",) if c in layout.v2_controllers]
+    return " ".join(f"+{c}" for c in (*V2_CONTROLLERS, *optional))
+
+
+def enable_children(own: str, layout: Layout, name: str) -> None:
+    """Let ``own`` give controllers to child groups.
+
+    cgroup v2's "no internal processes" rule (cgroups(7)) refuses that while ``own`` holds
+    processes, which it does when pytest runs in a delegated group of its own (systemd-run
+    --scope -p Delegate=yes): then this process moves into a leaf, ``<own>/<name>.pytest``, first.
+    The leaf is left for the next start-up to remove (a process cannot remove its own group).
+    """
+    control = os.path.join(own, "cgroup.subtree_control")
+    try:
+        if set(V2_CONTROLLERS) <= set(read(control).split()):
+            return
+        write(control, _enable_line(layout))
+        return
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise Unavailable(
+                f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own} ({exc.strerror})",
+                "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
+            ) from None
+    try:
+        leaf = os.path.join(own, f"{name}.pytest")
+        os.makedirs(leaf, exist_ok=True)
+        write(os.path.join(leaf, "cgroup.procs"), "0")
+        write(control, _enable_line(layout))
+    except OSError as exc:
+        raise Unavailable(
+            f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own}: it holds other "
+            f"processes than this pytest ({exc.strerror})",
+            "run pytest alone in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
+        ) from None
+    os.environ[ROOT_ENV] = own  # xdist workers are born in the leaf: they make their groups in own
+
+
+def prepare_delegation() -> None:
+    """In pytest's main process on a delegated cgroup v2 group: move into a leaf before xdist
+    starts its workers, so that the group can give controllers to the jails' groups."""
+    try:
+        layout = detect()
+    except OSError:
+        return
+    if layout.kind != "v2" or layout.v2 is None or os.environ.get(ROOT_ENV):
+        return
+    own = layout.v2
+    if own.rstrip("/") == "/sys/fs/cgroup" or not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
+        return  # the root group needs nothing; a group we do not own cannot be changed
+    try:
+        enable_children(own, layout, f"{PREFIX}{os.getpid()}.main")
+    except Unavailable:
+        pass  # a jail that asks for a limit will say why
 
 
 def clean_stale_everywhere() -> None:
