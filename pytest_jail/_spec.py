@@ -188,6 +188,11 @@ def _positive_int(value: object) -> int:
 
 
 def _io_limits(value: object) -> dict[str, int]:
+    if isinstance(value, str):  # the command-line and ini form: "read=10M,write=5M"
+        try:
+            value = dict(part.split("=", 1) for part in value.replace(" ", "").split(",") if part)
+        except ValueError:
+            raise ValueError("'read=SIZE,write=SIZE' (either or both), e.g. 'write=10M'") from None
     if not isinstance(value, Mapping) or not value or not set(value) <= {"read", "write"}:
         raise ValueError("a dict with 'read' and/or 'write' bytes per second, e.g. {'write': '10M'}")
     return {k: parse_size(v) for k, v in value.items()}

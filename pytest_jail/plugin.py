@@ -51,6 +51,7 @@ _OPTIONS = (
     ("--jail-cpus", "jail_cpus", "cpus", "default CPU bandwidth of jails, in cores, e.g. 0.5"),
     ("--jail-pids", "jail_pids", "pids", "default process limit of jails (default 4096)"),
     ("--jail-tmpfs", "jail_tmpfs", "tmpfs", "default size of a jail's private /tmp, e.g. 100M"),
+    ("--jail-io", "jail_io", "io", "default disk bandwidth of jails, e.g. read=20M,write=10M (bytes/s)"),
 )
 
 base_spec_key = pytest.StashKey[JailSpec]()

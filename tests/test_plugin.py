@@ -275,6 +275,8 @@ def test_bad_cli_and_ini_values(jailed_pytester: pytest.Pytester) -> None:
     jailed_pytester.makeini("[pytest]\njail_timeout = soon\n")
     result = jailed_pytester.runpytest_subprocess()
     result.stderr.fnmatch_lines(["ERROR: ini jail_timeout (*tox.ini): timeout='soon' is not valid; allowed: a positive number"])
+    result = jailed_pytester.runpytest_subprocess("--jail-io=fast", "-o", "jail_timeout=1")
+    result.stderr.fnmatch_lines(["ERROR: --jail-io: io='fast' is not valid; allowed: 'read=SIZE,write=SIZE'*"])
     result = jailed_pytester.runpytest_subprocess("--jail-unavailable=maybe", "-o", "jail_timeout=1")
     result.stderr.fnmatch_lines(["ERROR: --jail-unavailable: 'maybe' is not allowed; allowed: fail, skip"])
 

@@ -107,6 +107,7 @@ def test_io_limits() -> None:
     """io takes read and/or write bytes per second; anything else is refused in one line."""
     assert JailSpec(io={"write": "10M"}).io == {"write": 10 << 20}
     assert JailSpec(io={"read": 1000, "write": "1k"}).limits == {"io": {"read": 1000, "write": 1024}}
-    for bad in ({}, {"speed": "1M"}, "10M", {"read": "fast"}):
+    assert JailSpec(io="read=1M, write=2M").io == {"read": 1 << 20, "write": 2 << 20}
+    for bad in ({}, {"speed": "1M"}, "10M", {"read": "fast"}, "speed=1M"):
         with pytest.raises(JailConfigError, match="io=.* is not valid; allowed: "):
             JailSpec(io=bad)  # type: ignore[arg-type]
