@@ -361,8 +361,6 @@ def _release(item: pytest.Item) -> None:
         _replay_warning(warning)
     if outcome.get("exit") is not None:
         pytest.exit(outcome["exit"])
-    if outcome.get("report") is None and not call.timed_out and call.report is not None:
-        call.report = None  # the body asked to exit: no report of its own
     if call.timed_out or (call.report is None and (result.oom_killed or result.pids_limit_hit)):
         pytest.fail(f"jail: {result.verdict()}", pytrace=False)
     if call.report is None:
