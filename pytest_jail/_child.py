@@ -11,6 +11,7 @@ import gc
 import os
 import select
 import signal
+import socket
 import stat
 import sys
 import traceback
@@ -37,10 +38,16 @@ NAMESPACES = (
     | sc.CLONE_NEWCGROUP
 )
 
-#: The one capability a payload keeps: CAP_SETFCAP, which a uid-0 process must hold when it creates
-#: a user namespace that maps uid 0 (Linux 5.12, user_namespaces(7)), so a jail can nest a jail.
-#: It cannot unmount, remount or mount anything: that needs CAP_SYS_ADMIN, which is gone.
-PAYLOAD_CAPABILITIES = (sc.CAP_SETFCAP,)
+#: What the jail's root may still do, all of it inside its own user namespace: the default set
+#: of Docker and Podman (so ``sshd``, ``su`` and ``chown`` work as on a small Linux), CAP_SETFCAP
+#: included, which a uid-0 process needs to create a user namespace that maps uid 0 (Linux 5.12),
+#: so a jail can nest a jail. CAP_SYS_ADMIN is not there: nothing can be mounted, unmounted or
+#: remounted, so what hides the host stays. Nor CAP_DAC_READ_SEARCH (open_by_handle_at).
+PAYLOAD_CAPABILITIES = (
+    sc.CAP_CHOWN, sc.CAP_DAC_OVERRIDE, sc.CAP_FOWNER, sc.CAP_FSETID, sc.CAP_KILL, sc.CAP_SETGID, sc.CAP_SETUID,
+    sc.CAP_SETPCAP, sc.CAP_NET_BIND_SERVICE, sc.CAP_NET_RAW, sc.CAP_SYS_CHROOT, sc.CAP_MKNOD, sc.CAP_AUDIT_WRITE,
+    sc.CAP_SETFCAP,
+)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Launch:
     env: dict[str, str] | None = None
     body: Callable[[], Any] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
+    tree: int | None = None  # root mode: the rootfs, id-mapped to the jail's ids by the parent
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
     parent_pid: int = 0
@@ -114,8 +122,11 @@ def helper_main(launch: Launch) -> NoReturn:
         with _step(launch, "user namespace id map"):
             if launch.root_map:
                 _send(launch, "map", pid=os.getpid())
-                if os.read(launch.control_r, 1) != b"m":
+                with socket.socket(fileno=os.dup(launch.control_r)) as control:
+                    data, fds, _, _ = socket.recv_fds(control, 1, 1)
+                if data != b"m":
                     os._exit(1)
+                launch.tree = fds[0] if fds else None
                 os.setresgid(0, 0, 0)
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
@@ -155,13 +166,14 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             os._exit(1)
         os.close(helper)
         with _step(launch, "mount"):
-            ex = Executor(launch.syscalls, launch.sources)
+            ex = Executor(launch.syscalls, launch.sources, launch.tree)
             for op in launch.plan:
                 try:
                     getattr(ex, op[0])(*op[1:])
                 except OSError as exc:
                     detail = f"{exc.strerror} during {_describe(op)}"
                     raise OSError(exc.errno, detail, exc.filename) from None
+            _close(launch.tree)
         with _step(launch, "hostname"):
             launch.syscalls.sethostname(launch.hostname)
         if not launch.share_net:

@@ -12,6 +12,7 @@ import os
 import select
 import selectors
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -37,8 +38,10 @@ from ._view import ROOT_MAP_BASE
 from ._view import ROOT_MAP_SIZE
 from ._view import bind_sources
 from ._view import check_readable_by_jail
+from ._view import idmapped_tree
 from ._view import jail_cwd
 from ._view import plan_for
+from ._view import resolve_rootfs
 from ._view import runtime_paths
 from ._view import uses_root_map
 
@@ -107,9 +110,16 @@ class Jail:
     'jail\\n'
     """
 
-    def __init__(self, spec: JailSpec | None = None, *, exposures: Sequence[Exposure] = ()) -> None:
+    def __init__(
+        self, spec: JailSpec | None = None, *, exposures: Sequence[Exposure] = (), layer: str | None = None
+    ) -> None:
+        """:param exposures: host paths to show inside, besides the spec's binds.
+        :param layer: an empty host directory to hold the writable layer over the rootfs, to be
+            read after the jail is gone; by default the layer is a tmpfs that goes with the jail.
+        """
         self.spec = spec or JailSpec()
         self.exposures = tuple(exposures)
+        self.layer = layer
 
     # -- public -------------------------------------------------------------------------------
 
@@ -204,19 +214,22 @@ class Jail:
 
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
         root_map = uses_root_map()
+        rootfs = resolve_rootfs(spec.rootfs)
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
             check_readable_by_jail(exposures)
-        plan = plan_for(spec.rootfs, exposures, root_map, spec.tmpfs)
+        layer = self.layer if rootfs is not None else None
+        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds))
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
+        control_r, control_w = (s.detach() for s in socket.socketpair())
         launch = _child.Launch(
             plan=plan,
             hostname=spec.hostname,
             share_net=spec.net == "host",
             root_map=root_map,
-            cwd=jail_cwd(cwd, spec.rootfs, exposures),
+            cwd=jail_cwd(cwd or spec.workdir, rootfs, exposures),
             status_w=status_w,
             control_r=control_r,
             parent_pid=os.getpid(),
@@ -258,13 +271,13 @@ class Jail:
         run = _Run(pid, status_r, control_w, started, group=group)
         if root_map:
             try:
-                self._write_root_map(run)
+                self._write_root_map(run, rootfs)
             except BaseException:
                 self._abandon(run)
                 raise
         return run
 
-    def _write_root_map(self, run: _Run) -> None:
+    def _write_root_map(self, run: _Run, rootfs: str | None) -> None:
         message = self._next_message(run, "map")
         if message is None:
             self._exit_status(run)
@@ -277,7 +290,13 @@ class Jail:
                 os.write(fd, mapping)
             finally:
                 os.close(fd)
-        os.write(run.control, b"m")
+        tree = None if rootfs is None else idmapped_tree(rootfs, f"/proc/{run.pid}/ns/user")
+        try:
+            with socket.socket(fileno=os.dup(run.control)) as control:
+                socket.send_fds(control, [b"m"], [tree] if tree is not None else [])
+        finally:
+            if tree is not None:
+                os.close(tree)
 
     def _next_message(self, run: _Run, kind: str) -> dict[str, Any] | None:
         """Wait for a message of ``kind`` (``None`` on an error or EOF); setup has a time limit."""

@@ -11,6 +11,7 @@ from dataclasses import field
 from typing import Any
 
 from ._errors import JailConfigError
+from .rootfs import NAMES
 
 NET_MODES = ("none", "host")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -76,7 +77,8 @@ class Bind:
 class JailSpec:
     """Everything that decides how a jail is built. Immutable; derive with :meth:`merged`.
 
-    :param rootfs: ``None`` for a read-only view of the host's ``/``, or a directory used as ``/``.
+    :param rootfs: ``None`` for a read-only view of the host's ``/``; a directory used as ``/`` under a
+        fresh writable layer; or a name from :data:`pytest_jail.rootfs.NAMES` (``"busybox"``).
     :param net: ``"none"`` (own network namespace, only ``lo``) or ``"host"``.
     :param timeout: wall-clock seconds before the whole jail is killed.
     :param hostname: the UTS hostname inside.
@@ -86,6 +88,7 @@ class JailSpec:
     :param tmpfs: size of the private ``/tmp`` (``"100M"``): a disk filler gets ENOSPC.
     :param io: bytes per second read and written on the disks the jail writes to,
         ``{"read": "10M", "write": "10M"}``.
+    :param workdir: the working directory inside (default: the caller's, where the jail shows it).
     """
 
     rootfs: str | None = None
@@ -99,11 +102,14 @@ class JailSpec:
     binds: tuple[Bind, ...] = field(default=())
     tmpfs: int | None = None
     io: Mapping[str, int] | None = None
+    workdir: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if self.rootfs is not None:
             set_(self, "rootfs", _check_rootfs(self.rootfs))
+        if self.workdir is not None:
+            set_(self, "workdir", _convert("workdir", self.workdir, _jail_path))
         if self.net not in NET_MODES:
             raise JailConfigError(
                 f"net={self.net!r} is not a network mode; allowed: {', '.join(map(repr, NET_MODES))}"
@@ -206,9 +212,19 @@ def _to_bind(value: object) -> Bind:
     return Bind.parse(value)
 
 
+def _jail_path(value: object) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value) or ".." in value.split("/"):
+        raise ValueError("an absolute path inside the jail, without '..'")
+    return os.path.normpath(value)
+
+
 def _check_rootfs(value: object) -> str:
     if not isinstance(value, (str, os.PathLike)):
-        raise JailConfigError(f"rootfs={value!r} is not valid; allowed: None or a directory path")
+        raise JailConfigError(
+            f"rootfs={value!r} is not valid; allowed: None, a directory path or a name ({', '.join(NAMES)})"
+        )
+    if value in NAMES:  # built (or found in the cache) when a jail first needs it
+        return str(value)
     path = os.path.abspath(os.fspath(value))
     if not os.path.isdir(path):
         raise JailConfigError(

@@ -7,6 +7,7 @@ executes a plan.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import sys
 from functools import lru_cache
@@ -17,6 +18,9 @@ from ._linux.mounts import OLD
 from ._linux.mounts import Exposure
 from ._linux.mounts import closed_ancestors
 from ._linux.mounts import plan_mounts
+from ._linux.syscalls import Syscalls
+from .rootfs import NAMES
+from .rootfs import named_rootfs
 
 #: In root mode the jail's uids and gids 0..65535 are host ids ROOT_MAP_BASE..ROOT_MAP_BASE+65535,
 #: so the jail's root is never the host's root. The range sits just below 2**31, far from the
@@ -66,18 +70,129 @@ def _outermost(paths: Any) -> list[str]:
     return result
 
 
-def plan_for(rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool, tmp_size: int | None) -> list[Any]:
+def plan_for(
+    rootfs: str | None,
+    exposures: tuple[Exposure, ...],
+    root_map: bool,
+    tmp_size: int | None,
+    layer: str | None = None,
+    binds: tuple[str, ...] = (),
+) -> list[Any]:
+    """The mount plan of a jail; ``binds`` are the targets the user bound explicitly, which the
+    host view's hygiene leaves alone."""
     closed = closed_ancestors(e.source for e in exposures) if root_map else set()
-    # The rootfs's modification time is in the key: its top-level entries are in the plan.
-    version = os.stat(rootfs).st_mtime_ns if rootfs is not None else 0
-    return _cached_plan(rootfs, version, exposures, frozenset(closed), tmp_size)
+    # Plans describe the filesystem this process sees: a jail nested in a jailed body (a fork,
+    # with these caches) sees another one, so the mount namespace is part of every cache key.
+    view = os.stat("/proc/self/ns/mnt").st_ino
+    if rootfs is None:
+        scratch, hidden, revealed = host_hygiene(view, os.environ.get("HOME"), os.environ.get("XDG_RUNTIME_DIR"))
+        if root_map:  # a closed host directory hides what is in it anyway, and the jail could not mount there
+            hidden = tuple(
+                h for h in hidden if any(_is_under(h, e.target) for e in exposures) or not closed_ancestors([h])
+            )
+        hidden = tuple(h for h in hidden if not any(_is_under(h, b) or _is_under(b, h) for b in binds))
+        exposures = exposures + tuple(r for r in revealed if all(e.target != r.target for e in exposures))
+        return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden)
+    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), ())
 
 
 @lru_cache(maxsize=64)
 def _cached_plan(
-    rootfs: str | None, version: int, exposures: tuple[Exposure, ...], closed: frozenset[str], tmp_size: int | None
+    view: int,
+    rootfs: str | None,
+    exposures: tuple[Exposure, ...],
+    closed: frozenset[str],
+    tmp_size: int | None,
+    layer: str | None,
+    scratch: tuple[tuple[str, str], ...],
+    hidden: tuple[str, ...],
 ) -> list[Any]:
-    return plan_mounts(rootfs, exposures, closed=closed, tmp_size=tmp_size)
+    return plan_mounts(
+        rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden
+    )
+
+
+#: Where a host keeps live sockets (a read-only bind does not stop ``connect()`` to a UNIX
+#: socket): each becomes an empty, private, writable tmpfs in the host view.
+SCRATCH = (("/run", "0755"), ("/var/run", "0755"), ("/var/tmp", "1777"))
+#: Secrets in a home directory: each becomes empty (and read-only) in the host view.
+HOME_SECRETS = (
+    ".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".config/gcloud", ".config/gh",
+    ".netrc", ".pypirc", ".git-credentials", ".npmrc",
+)
+
+
+@lru_cache(maxsize=8)
+def host_hygiene(
+    view: int, home: str | None, runtime_dir: str | None
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]]:
+    """The host view's scratch directories, hidden secrets, and files brought back from hiding.
+
+    A file in ``/etc`` that is a symlink into a scratch directory (``/etc/resolv.conf`` ->
+    ``/run/systemd/resolve/stub-resolv.conf``) keeps working: its target is shown read-only.
+    """
+    candidates = list(SCRATCH)
+    if runtime_dir and os.path.isabs(runtime_dir):
+        candidates.append((os.path.normpath(runtime_dir), "0700"))
+    scratch: list[tuple[str, str]] = []
+    for path, mode in candidates:
+        if os.path.isdir(path) and not os.path.islink(path) and not any(_is_under(path, s) for s, _ in scratch):
+            scratch.append((path, mode))
+    homes = {h for h in (home, _home_of(os.geteuid())) if h and os.path.isabs(h) and h != "/"}
+    hidden = sorted(
+        os.path.join(h, name) for h in homes for name in HOME_SECRETS if os.path.lexists(os.path.join(h, name))
+    )
+    hidden = [h for h in hidden if not os.path.islink(h) and not any(_is_under(h, s) for s, _ in scratch)]
+    revealed = []
+    try:
+        names = os.listdir("/etc")
+    except OSError:
+        names = []
+    for name in sorted(names):
+        path = os.path.join("/etc", name)
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            if os.path.isfile(real) and any(_is_under(real, s) for s, _ in scratch):
+                revealed.append(Exposure(real, real))
+    return tuple(scratch), tuple(hidden), tuple(revealed)
+
+
+def _home_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
+
+
+def resolve_rootfs(rootfs: str | None) -> str | None:
+    """The directory of a rootfs: a path as it is, a name (``"busybox"``) built once and cached."""
+    if rootfs is None or rootfs not in NAMES:
+        return rootfs
+    return named_rootfs(rootfs)
+
+
+def idmapped_tree(rootfs: str, userns: str) -> int | None:
+    """Root mode: the rootfs as a detached mount in which a file's on-disk owner is the jail's id
+    (uid 0 on disk belongs to the jail's root, not to the host's), or ``None`` where the
+    rootfs's filesystem cannot be id-mapped (Linux 5.12; tmpfs 6.3; not NFS): then it is bound as
+    it is, and files owned by the host's root are read-only to the jail's root.
+    """
+    tree = _syscalls().clone_tree(rootfs)
+    try:
+        ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _syscalls().idmap_tree(tree, ns)
+        finally:
+            os.close(ns)
+    except OSError:
+        os.close(tree)
+        return None
+    return tree
+
+
+@lru_cache(maxsize=1)
+def _syscalls() -> Syscalls:
+    return Syscalls()
 
 
 def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
@@ -104,7 +219,7 @@ def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
 def bind_sources(plan: list[Any]) -> dict[str, int]:
     """Root mode: every host path the plan binds, to be opened while still the host's root."""
     prefix = OLD + "/"
-    return {op[1][len(OLD):]: -1 for op in plan if op[0] == "bind" and op[1].startswith(prefix)}
+    return {op[1][len(OLD):]: -1 for op in plan if op[0] in ("bind", "lower") and op[1].startswith(prefix)}
 
 
 def jail_cwd(cwd: str | None, rootfs: str | None, exposures: tuple[Exposure, ...]) -> str:

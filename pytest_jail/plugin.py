@@ -41,6 +41,7 @@ from ._result import describe_status
 from ._result import format_size_rounded
 from ._spec import JailSpec
 from ._spec import parse_size
+from .rootfs import NAMES
 
 # (option, ini name, spec field, help)
 _OPTIONS = (
@@ -126,7 +127,7 @@ def _layers(config: pytest.Config) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _relative(field: str, value: Any, base: str) -> Any:
     if field == "rootfs" and isinstance(value, str) and value not in ("", "none", "None"):
-        return os.path.join(base, value)
+        return value if value in NAMES else os.path.join(base, value)
     return None if field == "rootfs" else value
 
 
@@ -175,7 +176,7 @@ def _item_spec(item: pytest.Item) -> JailSpec | None:
             raise JailConfigError(f"{source}: takes at most one positional argument (rootfs), got {len(marker.args)}")
         if marker.args:
             kwargs["rootfs"] = marker.args[0]
-        if isinstance(kwargs.get("rootfs"), (str, os.PathLike)):
+        if isinstance(kwargs.get("rootfs"), (str, os.PathLike)) and kwargs["rootfs"] not in NAMES:
             kwargs["rootfs"] = os.path.join(str(item.config.rootpath), os.fspath(kwargs["rootfs"]))
         spec = spec.merged(source, kwargs)
     changed = item.ihook.pytest_jail_spec(item=item, spec=spec)

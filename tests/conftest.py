@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -46,3 +47,20 @@ def jailed_pytester(pytester: pytest.Pytester) -> pytest.Pytester:
     """A pytester whose directory the jail can read (root mode runs the jail as an unprivileged host uid)."""
     os.chmod(pytester.path, 0o755)
     return pytester
+
+
+def tree_digest(root: str) -> str:
+    """Every path, mode, owner, size, link target and byte of a tree: equal digests, equal trees."""
+    digest = hashlib.sha256()
+    for parent, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            digest.update(f"{path}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0".encode())
+            if os.path.islink(path):
+                digest.update(os.readlink(path).encode())
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import sys
@@ -18,7 +17,10 @@ from pytest_jail import JailConfigError
 from pytest_jail import JailProcessError
 from pytest_jail import JailSetupError
 from pytest_jail import JailSpec
+from pytest_jail._child import PAYLOAD_CAPABILITIES
 from pytest_jail._jail import ROOT_MAP_BASE
+from pytest_jail._linux.syscalls import CAP_DAC_READ_SEARCH
+from pytest_jail._linux.syscalls import CAP_SYS_ADMIN
 from pytest_jail._linux.mounts import Exposure
 
 pytestmark = needs_jail
@@ -214,35 +216,6 @@ def test_nested_jail() -> None:
     assert result.stdout == "2\njail\n", result
 
 
-def _tree_digest(root: str) -> str:
-    digest = hashlib.sha256()
-    for parent, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = os.path.join(parent, name)
-            st = os.lstat(path)
-            digest.update(f"{path}{st.st_mode}{st.st_uid}{st.st_size}".encode())
-            if os.path.isfile(path) and not os.path.islink(path):
-                digest.update(open(path, "rb").read())
-    return digest.hexdigest()
-
-
-def test_rootfs_pivot_root_and_unchanged_tree(busybox_rootfs: str) -> None:
-    """rootfs=DIR becomes / via pivot_root; writes, deletes and chmods never reach DIR."""
-    before = _tree_digest(busybox_rootfs)
-    result = Jail(JailSpec(rootfs=busybox_rootfs)).run(
-        ["/bin/sh", "-c", "cat /etc/marker; ls /; touch /etc/new; rm /etc/marker; chmod 700 /bin; "
-                          "echo ok > /tmp/t && cat /tmp/t; ps"])
-    assert result.stdout.startswith("from the rootfs\n")
-    listing = result.stdout.split("\n")[1:8]
-    assert {"bin", "dev", "etc", "proc", "root", "sys", "tmp"} <= set(listing)
-    assert "ok" in result.stdout
-    assert result.stderr.count("Read-only file system") >= 3
-    ps_lines = result.stdout.strip().split("\n")[-3:]
-    assert ps_lines[0].split()[0] == "PID" and ps_lines[1].split()[0] == "1"
-    assert _tree_digest(busybox_rootfs) == before
-
-
 def test_command_starts_with_default_signals() -> None:
     """Python ignores SIGPIPE; a command in the jail starts with it at its default, as subprocess does."""
     out = sh("grep -E '^Sig(Ign|Blk)' /proc/self/status")
@@ -268,7 +241,9 @@ def test_no_way_to_undo_the_jail() -> None:
     )
     result = Jail().run(["sh", "-c", script])
     lines = result.stdout.split("\n")
-    assert lines[0].split()[1] == "0000000080000000"  # CAP_SETFCAP only, for nested jails
+    bounding = int(lines[0].split()[1], 16)
+    assert bounding == sum(1 << cap for cap in PAYLOAD_CAPABILITIES)  # Docker's default set
+    assert not bounding & (1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH)
     assert "nested-umount-refused" in result.stdout and "nested-ro" in result.stdout
     assert int(lines[-2]) < 10  # /proc is still the jail's own
     assert result.stderr.count("must be superuser") + result.stderr.count("permission denied") >= 3

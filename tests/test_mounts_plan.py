@@ -28,7 +28,7 @@ def test_host_view_order() -> None:
 def test_minimal_dev() -> None:
     """/dev holds null, zero, full, random, urandom, tty, a private devpts and shm; nothing else."""
     plan = _verbs(plan_mounts(None, []))
-    binds = sorted(op.split()[-1] for op in plan if op.startswith("bind /oldroot/dev/"))
+    binds = sorted(op.split()[-1] for op in plan if op.startswith("bind /oldroot/dev/") and " /newroot/dev/" in op)
     assert binds == sorted(f"/newroot/dev/{d}" for d in ("null", "zero", "full", "random", "urandom", "tty"))
     assert "mount devpts /newroot/dev/pts devpts newinstance,ptmxmode=0666,mode=620" in plan
     assert "symlink pts/ptmx /newroot/dev/ptmx" in plan
@@ -56,40 +56,60 @@ def test_masks_hide_closed_dirs_but_expose_what_is_needed() -> None:
     assert "readonly /newroot/root" in plan  # the mask itself becomes read-only
 
 
-def test_rootfs_is_shadowed_and_gets_fresh_mountpoints() -> None:
-    """A custom rootfs: a tmpfs root with its entries bound read-only; proc/dev/tmp/sys made fresh."""
-    tree = {"/r": ["bin", "etc", "proc", "lib64"], "/r/bin": [], "/r/etc": []}
-    plan = _verbs(plan_mounts(
-        "/r", [],
-        exists=lambda p: p in tree or p == "/r/lib64",
-        isdir=lambda p: p in tree,
-        listdir=lambda p: tree[p],
-        islink=lambda p: p == "/r/lib64",
-        readlink=lambda p: "usr/lib64",
-    ))
-    assert "mount tmpfs /newroot tmpfs mode=0755" in plan
-    assert "bind /oldroot/r/bin /newroot/bin" in plan and "readonly /newroot/bin" in plan
-    assert "symlink usr/lib64 /newroot/lib64" in plan
-    assert "bind /oldroot/r/proc /newroot/proc" not in plan
-    assert "mkdir /newroot/proc" in plan
-    assert "readonly /newroot" in plan
+def test_rootfs_is_the_lower_layer_of_a_fresh_overlay() -> None:
+    """A custom rootfs: bound at a fixed place, the lower layer of an overlay whose upper layer is a
+    fresh tmpfs (sized like /tmp); proc/dev/tmp/sys are made in the overlay, never the tree."""
+    plan = _verbs(plan_mounts("/r,odd:path", [], tmp_size=1 << 20))
+    assert "lower /oldroot/r,odd:path /lower" in plan
+    assert "mount tmpfs /layer tmpfs mode=0755,size=1048576" in plan
+    overlay = "mount overlay /newroot overlay lowerdir=/lower,upperdir=/layer/upper,workdir=/layer/work,userxattr"
+    assert plan.index("lower /oldroot/r,odd:path /lower") < plan.index(overlay)
+    assert plan.index(overlay) < plan.index("mkdir /newroot/proc") < plan.index("mount proc /newroot/proc proc")
+    assert "bind /oldroot/sys /newroot/sys" in plan and "readonly /newroot/sys" in plan
+    assert not any(op.startswith("readonly /newroot ") or op == "readonly /newroot" for op in plan)
 
 
-def test_rootfs_exposure_shadows_the_deepest_existing_dir() -> None:
-    """To bind the runtime at /usr/lib/python3 in a rootfs that has /usr/lib, /usr/lib is shadowed."""
-    tree = {"/r": ["usr"], "/r/usr": ["lib"], "/r/usr/lib": ["libc.so"]}
-    files = {"/r/usr/lib/libc.so"}
-    plan = _verbs(plan_mounts(
-        "/r", [Exposure("/usr/lib/python3", "/usr/lib/python3")],
-        exists=lambda p: p in tree or p in files or p == "/usr/lib/python3",
-        isdir=lambda p: p in tree or p == "/usr/lib/python3",
-        listdir=lambda p: tree[p],
-        islink=lambda p: False,
-        readlink=os.readlink,
-    ))
-    assert "mount tmpfs /newroot/usr/lib tmpfs mode=0755" in plan
-    assert "bind /oldroot/r/usr/lib/libc.so /newroot/usr/lib/libc.so" in plan
+def test_kept_layer_is_a_host_directory() -> None:
+    """With layer=DIR the upper layer is that host directory, bound writable (to be read later)."""
+    plan = _verbs(plan_mounts("/r", [], layer="/tmp/kept/layer"))
+    assert "bind /oldroot/tmp/kept/layer /layer" in plan
+    assert not any(op.startswith("mount tmpfs /layer") for op in plan)
+
+
+def test_rootfs_exposure_is_made_in_the_writable_layer() -> None:
+    """The runtime's mount point in a rootfs is made in the overlay (never in the tree), then bound
+    read-only, nosuid and nodev; a writable bind is nosuid and nodev too."""
+    plan = _verbs(plan_mounts("/r", [Exposure("/usr/lib/python3", "/usr/lib/python3"),
+                                     Exposure("/srv/out", "/out", writable=True)], isdir=lambda p: True))
     assert plan.index("mkdir_p /newroot/usr/lib/python3") < plan.index("bind /oldroot/usr/lib/python3 /newroot/usr/lib/python3")
+    assert "readonly /newroot/usr/lib/python3" in plan
+    assert "seal /newroot/out" in plan and "readonly /newroot/out" not in plan
+
+
+def test_host_view_hygiene() -> None:
+    """Host view: /run becomes an empty writable tmpfs, ~/.ssh an empty read-only one, a secret
+    file is covered by /dev/null; /proc's kernel knobs are masked or read-only; /sys/firmware too."""
+    dirs = {"/run", "/home/u/.ssh", "/proc/sys", "/proc/acpi", "/sys/firmware"}
+    files = {"/home/u/.netrc", "/proc/kcore", "/proc/sysrq-trigger"}
+    plan = _verbs(plan_mounts(None, [], scratch=[("/run", "0755")], hidden=["/home/u/.ssh", "/home/u/.netrc"],
+                              exists=lambda p: p in dirs | files, isdir=lambda p: p in dirs))
+    assert "mount tmpfs /newroot/run tmpfs mode=0755" in plan and "readonly /newroot/run" not in plan
+    assert "mount tmpfs /newroot/home/u/.ssh tmpfs mode=0755,size=0" in plan and "readonly /newroot/home/u/.ssh" in plan
+    assert "bind /oldroot/dev/null /newroot/home/u/.netrc" in plan
+    assert "bind /oldroot/dev/null /newroot/proc/kcore" in plan
+    assert "mount tmpfs /newroot/proc/acpi tmpfs mode=0555,size=0" in plan
+    assert "bind /newroot/proc/sys /newroot/proc/sys" in plan and "readonly /newroot/proc/sys" in plan
+    assert "readonly /newroot/proc/sysrq-trigger" in plan
+    assert "mount tmpfs /newroot/sys/firmware tmpfs mode=0555,size=0" in plan
+    assert not any("/proc/timer_list" in op for op in plan)  # not on this (fake) host: nothing to mask
+
+
+def test_hidden_full_proc_for_nested_jails() -> None:
+    """A second, unmasked /proc is buried under an empty read-only tmpfs: the kernel lets a nested
+    jail mount its own /proc only if one exists, and nothing in the jail can reach it."""
+    plan = _verbs(plan_mounts(None, []))
+    buried = plan.index("mount proc /newroot/dev/.pytest-jail/proc proc")
+    assert plan[buried + 1] == "mount tmpfs /newroot/dev/.pytest-jail tmpfs mode=0000,size=0"
 
 
 def test_closed_ancestors() -> None:

@@ -411,8 +411,9 @@ def test_host_without_user_namespaces_errors_or_skips(jailed_pytester: pytest.Py
 
 
 def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootfs: str) -> None:
-    """A body in rootfs=DIR sees that tree as / (via --jail-rootfs), imports its modules and fails
-    with a proper traceback, because the runtime and rootdir are bound in read-only."""
+    """A body in rootfs=DIR sees that tree as / (via --jail-rootfs) under a writable layer, imports
+    its modules and fails with a proper traceback, because the runtime and rootdir are bound in
+    read-only; what it wrote never reaches the tree."""
     jailed_pytester.makepyfile(
         helper="def answer():\n    return 41\n",
         test_rootfs="""
@@ -423,8 +424,11 @@ def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootf
         def test_world():
             assert open("/etc/marker").read() == "from the rootfs\\n"
             assert os.path.exists("/bin/busybox")
-            with pytest.raises(OSError, match="Read-only file system"):
-                open("/etc/new", "w")
+            with open("/etc/new", "w") as f:
+                f.write("written in the jail")
+            assert open("/etc/new").read() == "written in the jail"
+            with pytest.raises(OSError, match="Read-only file system|Permission denied"):
+                open("helper.py", "a")
 
         @pytest.mark.jail
         def test_traceback():
@@ -434,6 +438,8 @@ def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootf
     result = jailed_pytester.runpytest_subprocess(f"--jail-rootfs={busybox_rootfs}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*def test_traceback():*", ">*assert answer() == 42", "E*assert 41 == 42*"])
+    assert not os.path.exists(os.path.join(busybox_rootfs, "etc", "new"))
+    assert (jailed_pytester.path / "helper.py").read_text().strip() == "def answer():\n    return 41"
 
 
 def test_symlinked_rootfs_refused_at_setup(jailed_pytester: pytest.Pytester, tmp_path: os.PathLike[str]) -> None:

@@ -17,18 +17,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from .syscalls import MNT_DETACH
+from .syscalls import MOUNT_ATTR_NODEV
+from .syscalls import MOUNT_ATTR_NOSUID
 from .syscalls import MOUNT_ATTR_RDONLY
 from .syscalls import MS_BIND
 from .syscalls import MS_NODEV
 from .syscalls import MS_NOEXEC
 from .syscalls import MS_NOSUID
 from .syscalls import MS_PRIVATE
+from .syscalls import MS_RDONLY
 from .syscalls import MS_REC
 from .syscalls import Syscalls
 
 STAGE = "/tmp"  # any directory that exists everywhere; a tmpfs goes over it in our mount ns only
 OLD = "/oldroot"
 NEW = "/newroot"
+LOWER = "/lower"  # the rootfs, on the staging tmpfs, before it becomes an overlay's lower layer
+LAYER = "/layer"  # the overlay's upper and work directories
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _FRESH = ("proc", "dev", "tmp", "sys")
 
@@ -51,6 +56,9 @@ def plan_mounts(
     *,
     closed: Iterable[str] = (),
     tmp_size: int | None = None,
+    layer: str | None = None,
+    scratch: Sequence[tuple[str, str]] = (),
+    hidden: Sequence[str] = (),
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -59,9 +67,16 @@ def plan_mounts(
 ) -> list[Op]:
     """Return the ordered mount plan of one jail.
 
-    :param rootfs: ``None`` for a read-only view of the host's ``/``, else the tree to use as ``/``.
+    :param rootfs: ``None`` for a read-only view of the host's ``/``, else the tree to use as ``/``,
+        under a fresh writable layer (overlayfs): the tree itself never changes.
     :param exposures: host paths to show inside (the test's temp dir, the Python runtime, binds).
-    :param tmp_size: bytes for the private ``/tmp`` (and ``/dev/shm``); ``None``: the kernel's default.
+    :param tmp_size: bytes for each private tmpfs (``/tmp``, ``/dev/shm``, ``/run``, the writable
+        layer); ``None``: the kernel's default.
+    :param layer: a host directory to hold the rootfs's writable layer (kept for a failed test);
+        ``None``: a tmpfs that goes with the jail.
+    :param scratch: host-view directories replaced by an empty, writable tmpfs, with its mode
+        (``("/run", "0755")``): where a host keeps live sockets.
+    :param hidden: host-view paths replaced by something empty and read-only (``~/.ssh``).
     :param closed: host directories the jail's user cannot search (root mode); one on the way to an
         exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
     """
@@ -75,13 +90,18 @@ def plan_mounts(
         ("pivot_root", STAGE, STAGE + OLD),
         ("chdir", "/"),
     ]
+    size = f",size={tmp_size}" if tmp_size else ""
     tree = _Tree(ops, exists, isdir, listdir, islink, readlink, frozenset(closed))
     if rootfs is None:
         ops.append(("bind", OLD, NEW, True))
         ops.append(("readonly", NEW, True))
         tree.base["/"] = "/"
+        for path, mode in scratch:
+            tree.tmpfs(path, f"mode={mode}{size}")
+            tree.writable.add(path)
     else:
-        tree.shadow("/", rootfs, skip=_FRESH)
+        _plan_overlay(ops, rootfs, layer, size)
+        tree.overlay = True
         for name in _FRESH:
             ops.append(("mkdir", NEW + "/" + name))
         ops.append(("bind", OLD + "/sys", NEW + "/sys", True))
@@ -93,19 +113,86 @@ def plan_mounts(
     for exposure in ordered:
         if exposure not in in_fresh:
             tree.expose(exposure)
-    ops.append(("mount", "proc", NEW + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
-    _plan_dev(ops)
-    tree.tmpfs("/tmp", "mode=1777" + (f",size={tmp_size}" if tmp_size else ""))
+    _plan_proc(ops, exists, isdir)
+    _plan_dev(ops, size)
+    _plan_sys(ops, exists)
+    tree.tmpfs("/tmp", "mode=1777" + size)
     for exposure in in_fresh:
         tree.expose(exposure)
-    for path in sorted(tree.made_tmpfs, key=len, reverse=True):
+    for path in hidden:  # last: a secret inside an exposure (a home in the rootdir) is hidden too
+        if tree._owner(path) in tree.base:
+            tree.hide(path)
+    for path in sorted(tree.made_tmpfs - tree.writable, key=len, reverse=True):
         if path != "/tmp":
             ops.append(("readonly", _new(path), False))
     ops += [("chdir", NEW), ("pivot_root", ".", "."), ("umount", ".", MNT_DETACH), ("chdir", "/")]
     return ops
 
 
-def _plan_dev(ops: list[Op]) -> None:
+def _plan_overlay(ops: list[Op], rootfs: str, layer: str | None, size: str) -> None:
+    """The rootfs as the lower layer of an overlay whose upper layer is fresh for every jail.
+
+    Both layers are first mounted at fixed places of the staging tmpfs, so the overlay's options
+    never have to quote a user's path (a comma or colon in it would break them).
+    """
+    ops += [("mkdir", LOWER), ("lower", OLD + rootfs, LOWER), ("mkdir", LAYER)]
+    if layer is None:
+        ops.append(("mount", "tmpfs", LAYER, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + size))
+    else:
+        ops.append(("bind", OLD + layer, LAYER, False))
+    ops += [
+        ("mkdir", LAYER + "/upper"),
+        ("mkdir", LAYER + "/work"),
+        # userxattr: the overlay's own bookkeeping in user.* xattrs, which a user namespace may
+        # write (overlayfs docs, "Permission model"); trusted.* needs the host's root.
+        ("mount", "overlay", NEW, "overlay", MS_NOSUID | MS_NODEV,
+         f"lowerdir={LOWER},upperdir={LAYER}/upper,workdir={LAYER}/work,userxattr"),
+    ]
+
+
+# What the kernel shows in /proc that a test has no business reading or changing: masked (an empty
+# file or directory) or read-only, as runc's and moby's defaults do (security.md, FS-08).
+PROC_MASKED = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug", "acpi", "scsi",
+               "asound")
+PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
+HIDDEN_PROC = "/dev/.pytest-jail"
+
+
+def _plan_proc(ops: list[Op], exists: Callable[[str], bool], isdir: Callable[[str], bool]) -> None:
+    proc = NEW + "/proc"
+    ops.append(("mount", "proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
+    for name in PROC_MASKED:
+        host = "/proc/" + name
+        if not exists(host):
+            continue
+        if isdir(host):
+            ops.append(("mount", "tmpfs", f"{proc}/{name}", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+                        "mode=0555,size=0"))
+        else:
+            ops.append(("bind", OLD + "/dev/null", f"{proc}/{name}", False))
+    for name in PROC_READONLY:
+        if exists("/proc/" + name):
+            ops += [("bind", f"{proc}/{name}", f"{proc}/{name}", True), ("readonly", f"{proc}/{name}", True)]
+
+
+def _plan_sys(ops: list[Op], exists: Callable[[str], bool]) -> None:
+    if exists("/sys/firmware"):  # ACPI tables, EFI variables: the machine's, not the test's
+        ops.append(("mount", "tmpfs", NEW + "/sys/firmware", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+                    "mode=0555,size=0"))
+    # A full, uncovered proc must exist in a mount namespace for a jail nested in this one to
+    # mount its own /proc (the kernel's "mnt_already_visible" check); the masks above cover this
+    # one. This second proc is mounted, then buried under an empty read-only tmpfs: the kernel
+    # still counts it, nothing in the jail can reach it.
+    ops += [
+        ("mkdir", NEW + HIDDEN_PROC),
+        ("mkdir", NEW + HIDDEN_PROC + "/proc"),
+        ("mount", "proc", NEW + HIDDEN_PROC + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+        ("mount", "tmpfs", NEW + HIDDEN_PROC, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+         "mode=0000,size=0"),
+    ]
+
+
+def _plan_dev(ops: list[Op], size: str) -> None:
     dev = NEW + "/dev"
     ops.append(("mount", "tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"))
     for name in DEVICES:
@@ -116,7 +203,7 @@ def _plan_dev(ops: list[Op]) -> None:
          "newinstance,ptmxmode=0666,mode=620"),
         ("symlink", "pts/ptmx", dev + "/ptmx"),
         ("mkdir", dev + "/shm"),
-        ("mount", "tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        ("mount", "tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size),
         ("symlink", "/proc/self/fd", dev + "/fd"),
         ("symlink", "/proc/self/fd/0", dev + "/stdin"),
         ("symlink", "/proc/self/fd/1", dev + "/stdout"),
@@ -141,7 +228,9 @@ class _Tree:
         self.closed: frozenset[str] = closed
         self.base: dict[str, str] = {}  # jail path -> host path of a read-only bind
         self.made_tmpfs: set[str] = set()  # jail paths of tmpfs mounts we own (we may mkdir there)
+        self.writable: set[str] = set()  # ...of those, the ones that stay writable
         self.made: set[str] = set()  # jail paths we created
+        self.overlay = False  # the root is a writable overlay: mount points can be made anywhere
         self._exists, self._isdir, self._listdir = exists, isdir, listdir
         self._islink, self._readlink = islink, readlink
 
@@ -150,6 +239,13 @@ class _Tree:
         self.ops.append(("mount", "tmpfs", _new(path), "tmpfs", MS_NOSUID | MS_NODEV, data))
         self.made_tmpfs.add(path)
         self.base = {k: v for k, v in self.base.items() if not _under(k, path)}
+
+    def hide(self, path: str) -> None:
+        """Replace a host path by an empty read-only directory, or an empty file."""
+        if self._isdir(path):
+            self.tmpfs(path, "mode=0755,size=0")
+        else:
+            self.ops.append(("bind", OLD + "/dev/null", NEW + path, False))
 
     def shadow(self, path: str, host_dir: str, skip: Iterable[str] = ()) -> None:
         """A tmpfs at ``path`` re-populated with read-only binds of ``host_dir``'s entries."""
@@ -171,6 +267,11 @@ class _Tree:
 
     def expose(self, exposure: Exposure) -> None:
         target = exposure.target
+        make = "mkdir_p" if self._isdir(exposure.source) else "touch_p"
+        if self.overlay and not any(_under(target, p) for p in [*self.made_tmpfs, *self.base]):
+            self.ops.append((make, NEW + target))  # in the fresh writable layer: never the rootfs
+            self._bind(exposure)
+            return
         owner = self._owner(target)
         if owner in self.base:
             self._mask_closed(target, owner)
@@ -179,12 +280,15 @@ class _Tree:
             host = _join(self.base[owner], target[len(owner):].lstrip("/")) if owner != target else self.base[owner]
             if not self._exists(host):
                 self._shadow_down_to(target, owner)
-        make = "mkdir_p" if self._isdir(exposure.source) else "touch_p"
         if not self._present(target):
             self.ops.append((make, NEW + target))
+        self._bind(exposure)
+
+    def _bind(self, exposure: Exposure) -> None:
+        target = exposure.target
         self.ops.append(("bind", OLD + exposure.source, NEW + target, True))
-        if not exposure.writable:
-            self.ops.append(("readonly", NEW + target, True))
+        # Never a set-uid program or a device node through a bind, writable or not.
+        self.ops.append(("readonly" if not exposure.writable else "seal", NEW + target, True))
         self.base[target] = exposure.source
         self.made.add(target)
 
@@ -263,8 +367,9 @@ def closed_ancestors(paths: Iterable[str], *, lstat: Callable[[str], os.stat_res
 class Executor:
     """Carries out a plan made by :func:`plan_mounts`; each failure names the operation."""
 
-    def __init__(self, sys: Syscalls, sources: dict[str, int] | None = None) -> None:
+    def __init__(self, sys: Syscalls, sources: dict[str, int] | None = None, tree: int | None = None) -> None:
         self.sys = sys
+        self.tree = tree
         # Bind sources the parent opened (O_PATH) before the fork: reached through
         # /proc/self/fd, they need no search permission on their ancestors (``/root`` is 0700).
         self.sources = sources or {}
@@ -283,7 +388,19 @@ class Executor:
         self.sys.mount(source, target, None, MS_BIND | (MS_REC if recursive else 0), None)
 
     def readonly(self, target: str, recursive: bool) -> None:
-        self.sys.mount_setattr(target, MOUNT_ATTR_RDONLY, recursive=recursive)
+        self.sys.mount_setattr(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+
+    def seal(self, target: str, recursive: bool) -> None:
+        """Writable, but no set-uid programs and no device nodes."""
+        self.sys.mount_setattr(target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+
+    def lower(self, source: str, target: str) -> None:
+        """The rootfs as an overlay's lower layer: a tree the parent cloned (and id-mapped) if it
+        did, else a bind."""
+        if self.tree is not None:
+            self.sys.attach_tree(self.tree, target)
+        else:
+            self.bind(source, target, True)
 
     def umount(self, target: str, flags: int) -> None:
         self.sys.umount2(target, flags)
@@ -304,7 +421,10 @@ class Executor:
         os.makedirs(path, 0o755, exist_ok=True)
 
     def touch(self, path: str) -> None:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        try:  # O_EXCL: opening an existing file of an overlay for writing would copy it up
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        except FileExistsError:
+            pass
 
     def touch_p(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)

@@ -36,6 +36,21 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_FOWNER = 3
+CAP_FSETID = 4
+CAP_KILL = 5
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_SETPCAP = 8
+CAP_NET_BIND_SERVICE = 10
+CAP_NET_RAW = 13
+CAP_SYS_CHROOT = 18
+CAP_SYS_ADMIN = 21
+CAP_MKNOD = 27
+CAP_AUDIT_WRITE = 29
 CAP_SETFCAP = 31
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -43,7 +58,12 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x100000
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -51,8 +71,8 @@ IFF_UP = 0x1
 
 # Syscall numbers glibc has no wrapper for (asm-generic numbers are shared by arm64 and riscv).
 _NUMBERS = {
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91},
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126, "open_tree": 428, "move_mount": 429},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91, "open_tree": 428, "move_mount": 429},
 }
 
 
@@ -111,7 +131,7 @@ class Syscalls:
         self._check(ret, new_root)
 
     def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None:
-        """Set mount attributes (read-only, nosuid...) on a whole tree in one call (Linux 5.12)."""
+        """Set mount attributes (read-only, nosuid...) on a mount, or a whole tree (Linux 5.12)."""
         attr = _MountAttr(attr_set, 0, 0, 0)
         flags = AT_RECURSIVE if recursive else 0
         ret = self._libc.syscall(
@@ -123,6 +143,34 @@ class Syscalls:
             ctypes.c_size_t(ctypes.sizeof(attr)),
         )
         self._check(ret, path)
+
+    def clone_tree(self, path: str) -> int:
+        """A detached copy of the mount tree at ``path``, as a descriptor (``open_tree``, Linux 5.2)."""
+        flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        ret = self._libc.syscall(ctypes.c_long(self._nr["open_tree"]), ctypes.c_int(-100), os.fsencode(path),
+                                 ctypes.c_uint(flags))
+        self._check(ret, path)
+        return int(ret)
+
+    def idmap_tree(self, tree: int, userns: int) -> None:
+        """Show a detached tree's files with ids as seen through ``userns``'s map (Linux 5.12).
+
+        A file owned by uid 0 on disk then belongs to the uid 0 of that namespace: the jail's root.
+        """
+        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns)
+        ret = self._libc.syscall(
+            ctypes.c_long(self._nr["mount_setattr"]), ctypes.c_int(tree), b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        self._check(ret)
+
+    def attach_tree(self, tree: int, target: str) -> None:
+        """Mount a detached tree (from :meth:`clone_tree`) at ``target`` (``move_mount``)."""
+        ret = self._libc.syscall(
+            ctypes.c_long(self._nr["move_mount"]), ctypes.c_int(tree), b"", ctypes.c_int(-100),
+            os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        )
+        self._check(ret, target)
 
     def sethostname(self, name: str) -> None:
         raw = name.encode()

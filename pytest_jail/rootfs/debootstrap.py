@@ -1,0 +1,64 @@
+"""A Debian tree from Debian's package registry, with ``debootstrap``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from .._errors import JailSetupError
+from .._errors import JailUnavailableError
+from ._build import Progress
+from ._build import building
+from ._build import is_current
+from ._build import quiet
+
+MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
+
+
+def build(
+    target: str,
+    *,
+    suite: str = SUITE,
+    include: Sequence[str] = (),
+    mirror: str = MIRROR,
+    progress: Progress = quiet,
+) -> bool:
+    """Build (or keep) a minimal Debian ``suite`` at ``target``, with the ``include`` packages.
+
+    Returns False when a tree of that recipe is already there.
+    """
+    packages = sorted({p.strip() for p in include if p.strip()})
+    wanted = {"kind": "debootstrap", "suite": suite, "include": packages, "mirror": mirror, "format": 1}
+    if is_current(target, wanted):
+        return False
+    if os.geteuid() != 0:
+        raise JailUnavailableError(
+            "debootstrap needs root (it installs packages as root in the new tree)", "run it with sudo, as root"
+        )
+    command = shutil.which("debootstrap")
+    if command is None:
+        raise JailUnavailableError("debootstrap is not installed", "apt-get install debootstrap")
+    with building(target, wanted) as tree:
+        argv = [command, "--variant=minbase"]
+        if packages:
+            argv.append("--include=" + ",".join(packages))
+        argv += [suite, tree, mirror]
+        log: list[str] = []
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.append(line.rstrip())
+                progress(f"debootstrap: {line.strip()}")
+        if process.returncode != 0:
+            tail = "; ".join(log[-3:]) or "no output"
+            raise JailSetupError(
+                "debootstrap", None, f"exited with status {process.returncode} ({tail})", os.path.abspath(target)
+            )
+        for deb in glob.glob(os.path.join(tree, "var/cache/apt/archives/*.deb")):
+            os.unlink(deb)  # downloaded packages, already installed: only size
+    return True
