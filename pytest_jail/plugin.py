@@ -42,6 +42,7 @@ from ._result import format_size_rounded
 from ._spec import JailSpec
 from ._spec import parse_size
 from .rootfs import NAMES
+from .rootfs._build import remove_tree
 
 # (option, ini name, spec field, help)
 _OPTIONS = (
@@ -58,6 +59,7 @@ _OPTIONS = (
 base_spec_key = pytest.StashKey[JailSpec]()
 host_key = pytest.StashKey[HostSupport]()
 spec_key = pytest.StashKey["JailSpec | None"]()
+layers_key = pytest.StashKey["_Layers"]()
 call_key = pytest.StashKey[Call]()
 inside_key = pytest.StashKey[bool]()
 result_key = pytest.StashKey[JailResult]()
@@ -80,6 +82,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("jail_memory_total", "memory for all jails of the session together")
     group.addoption("--jail-report", dest="jail_report", action="store_true", default=False,
                     help="list the jailed tests that used the most memory and CPU at the end")
+    group.addoption("--jail-keep-failed", dest="jail_keep_failed", action="store_true", default=None,
+                    help="keep what failed tests wrote over their rootfs (the jail's writable layer) "
+                    "in pytest's temporary directory")
+    parser.addini("jail_keep_failed", "keep the writable layer of failed jailed tests", type="bool", default=False)
     group.addoption("--jail-unavailable", dest="jail_unavailable", default=None,
                     help="what a jailed test does when this host cannot jail it: fail (default) or skip")
     parser.addini("jail_unavailable", "fail or skip when this host cannot jail a test", default="fail")
@@ -102,6 +108,8 @@ def pytest_configure(config: pytest.Config) -> None:
     set_budget(_memory_total(config))
     if config.option.jail_report:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
+    if config.option.jail_keep_failed or config.getini("jail_keep_failed"):
+        config.pluginmanager.register(_KeptLayers(), "jail-keep-failed")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
     if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
         prepare_delegation()  # pytest-xdist's main process, before it starts its workers
@@ -193,7 +201,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     # After every fixture is set up, since their values must reach the body.
     if spec is not None:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
-        jail = Jail(spec, exposures=_exposures(item, spec, tmp, body=True))
+        layers = item.stash.get(layers_key, None)
+        layer = layers.new() if layers is not None and spec.rootfs is not None else None
+        jail = Jail(spec, exposures=_exposures(item, spec, tmp, body=True), layer=layer)
         item.stash[call_key] = _guard(item, lambda: jail.start_call(lambda: _run_call(item)))
         # From here on, this process runs the body by releasing the jail (the jail's own copy of
         # the item, forked above, keeps the real runtest). Any kind of item: functions,
@@ -433,6 +443,54 @@ class _Accounting:
                 terminalreporter.write_line(f"  {shown:>10}  {nodeid}  (wall {wall:.2f}s)")
 
 
+class _Layers:
+    """One test's writable layers, for --jail-keep-failed: kept if it failed, removed if not."""
+
+    def __init__(self, item: pytest.Item, factory: pytest.TempPathFactory) -> None:
+        self.item, self.factory = item, factory
+        self.paths: list[str] = []
+        self.failed = False
+
+    def new(self) -> str:
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.item.name)[:40]
+        path = str(self.factory.mktemp(f"{name}-layer", numbered=True))
+        os.chmod(path, 0o755)
+        if uses_root_map():
+            os.chown(path, ROOT_MAP_BASE, ROOT_MAP_BASE)  # the jail's root writes the layer
+        self.paths.append(path)
+        return path
+
+    def close(self) -> None:
+        if self.failed:
+            return
+        for path in self.paths:
+            remove_tree(path)
+
+
+class _KeptLayers:
+    """Registered by --jail-keep-failed: gives each test a place for its writable layers."""
+
+    @pytest.fixture(autouse=True)
+    def _jail_layers(self, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+        layers = request.node.stash[layers_key] = _Layers(request.node, tmp_path_factory)
+        yield
+        layers.close()
+
+    # tryfirst, and registered after the jail's own wrapper: outside it, so this sees the report the
+    # jail sent back (in the jail itself, where that report is made, there is nothing to say yet).
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report: pytest.TestReport = yield
+        layers = item.stash.get(layers_key, None)
+        if layers is not None and layers.paths and report.failed and not item.stash.get(inside_key, False):
+            layers.failed = True
+            kept = "\n".join(os.path.join(p, "upper") for p in layers.paths)
+            report.sections.append(("jail: what the test wrote over its rootfs is kept in", kept))
+        return report
+
+
 @pytest.hookimpl(tryfirst=True)  # kill a jail whose call never came, before fixtures tear down
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     call = item.stash.get(call_key, None)
@@ -461,5 +519,9 @@ class _GuardedJail:
 
     def run(self, argv: Any, **kwargs: Any) -> JailResult:
         """:meth:`Jail.run`, in the jail of this test."""
-        result: JailResult = _guard(self._item, lambda: self._jail.run(argv, **kwargs))
+        jail = self._jail
+        layers = self._item.stash.get(layers_key, None)
+        if layers is not None and kwargs.get("rootfs", jail.spec.rootfs) is not None:
+            jail = Jail(jail.spec, exposures=jail.exposures, layer=layers.new())
+        result: JailResult = _guard(self._item, lambda: jail.run(argv, **kwargs))
         return result

@@ -19,9 +19,9 @@ from pytest_jail import JailSetupError
 from pytest_jail import JailSpec
 from pytest_jail._child import PAYLOAD_CAPABILITIES
 from pytest_jail._jail import ROOT_MAP_BASE
+from pytest_jail._linux.mounts import Exposure
 from pytest_jail._linux.syscalls import CAP_DAC_READ_SEARCH
 from pytest_jail._linux.syscalls import CAP_SYS_ADMIN
-from pytest_jail._linux.mounts import Exposure
 
 pytestmark = needs_jail
 

@@ -236,3 +236,32 @@ def test_cli_builds_and_reports(tmp_path: Path) -> None:
     bad = subprocess.run([*cli, "/etc"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "/etc is not empty and was not built by pytest-jail" in bad.stderr
+
+
+@needs_busybox
+def test_keep_failed_keeps_the_layer_of_failed_tests_only(
+    jailed_pytester: pytest.Pytester, cache: Path
+) -> None:
+    """--jail-keep-failed: a failed test's writes over its rootfs stay in pytest's temp dir, named
+    in its report; a passing test's layer is removed; rootfs='busybox' works from a marker."""
+    jailed_pytester.makepyfile(
+        test_layers="""
+        import pytest
+
+        @pytest.mark.jail(rootfs="busybox")
+        def test_passes():
+            open("/etc/from-passing", "w").write("p")
+
+        @pytest.mark.jail(rootfs="busybox")
+        def test_fails():
+            open("/etc/evidence", "w").write("what went wrong")
+            assert False, "look at the layer"
+        """
+    )
+    basetemp = jailed_pytester.path / "basetemp"
+    result = jailed_pytester.runpytest_subprocess("--jail-keep-failed", f"--basetemp={basetemp}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*jail: what the test wrote over its rootfs is kept in*", f"{basetemp}/test_fails-layer*/upper"])
+    kept = sorted(p.name for p in basetemp.iterdir() if "-layer" in p.name and not p.is_symlink())
+    assert kept == ["test_fails-layer0"]
+    assert (basetemp / "test_fails-layer0" / "upper" / "etc" / "evidence").read_text() == "what went wrong"
