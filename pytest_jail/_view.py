@@ -48,14 +48,21 @@ def _root_map(pid: int, euid: int) -> bool:  # per process: a jailed body is a f
     return euid == 0 and in_initial_user_namespace()
 
 
-def runtime_paths() -> list[str]:
-    """Where this Python's code lives: what a test body needs to import and format tracebacks."""
-    return list(_runtime_paths(tuple(sys.path), os.getcwd()))
+def runtime_paths(*, imports_only: bool = False) -> list[str]:
+    """Where this Python's code lives: what a test body needs to import and format tracebacks.
+
+    With ``imports_only``, the directories on ``sys.path`` alone: enough for a body in a custom
+    rootfs, which is a fork of this interpreter (its binary and libraries are already loaded), and
+    which must not get the host's whole ``/usr`` over the rootfs's when Python's prefix is ``/usr``.
+    """
+    return list(_runtime_paths(tuple(sys.path), os.getcwd(), imports_only))
 
 
 @lru_cache(maxsize=8)
-def _runtime_paths(path: tuple[str, ...], cwd: str) -> tuple[str, ...]:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+def _runtime_paths(path: tuple[str, ...], cwd: str, imports_only: bool) -> tuple[str, ...]:
+    paths = set() if imports_only else {
+        sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))
+    }
     paths.update(p for p in path if p and os.path.isdir(p))
     paths.add(cwd)
     return tuple(_outermost(os.path.realpath(p) for p in paths))

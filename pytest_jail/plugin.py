@@ -95,8 +95,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "jail(rootfs=None, *, net='none', memory=None, cpus=None, pids=None, timeout=None, "
-        "hostname='jail', env=None, binds=()): "
+        "hostname='jail', env=None, binds=(), tmpfs=None, io=None, workdir=None): "
         "run the test body in a freshly cloned Linux jail (pytest-jail)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "nojail: run this test body in pytest's own process even under --jail-all / jail_all "
+        "(its jail.run() calls are still jailed); for tests that drive jails from the host side",
     )
     spec = JailSpec()
     for source, values in _layers(config):
@@ -173,6 +178,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def _item_spec(item: pytest.Item) -> JailSpec | None:
     marker = item.get_closest_marker("jail")
+    if item.get_closest_marker("nojail") is not None:
+        if marker is not None:
+            raise JailConfigError(f"{item.nodeid} has both the jail and the nojail marker; keep one")
+        return None  # asked for by name: runs in pytest's process, as without the plugin
     jail_all = item.config.option.jail_all or item.config.getini("jail_all")
     if marker is None and not jail_all:
         return None
@@ -203,7 +212,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
         layers = item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and spec.rootfs is not None else None
-        jail = Jail(spec, exposures=_exposures(item, spec, tmp, body=True), layer=layer)
+        jail = Jail(spec, exposures=_exposures(item, spec.rootfs, tmp, body=True), layer=layer)
         item.stash[call_key] = _guard(item, lambda: jail.start_call(lambda: _run_call(item)))
         # From here on, this process runs the body by releasing the jail (the jail's own copy of
         # the item, forked above, keeps the real runtest). Any kind of item: functions,
@@ -228,11 +237,12 @@ def _guard(item: pytest.Item, start: Any) -> Any:
     raise error
 
 
-def _exposures(item: pytest.Item, spec: JailSpec, tmp: Any, *, body: bool) -> list[Exposure]:
+def _exposures(item: pytest.Item, rootfs: str | None, tmp: Any, *, body: bool) -> list[Exposure]:
     """The test's temp dir (writable), and the Python runtime and rootdir (read-only) where needed.
 
-    A body needs the runtime to import and format tracebacks; a command in the host view gets it
-    too (``jail.run([sys.executable, ...])`` must work when Python lives under a 0700 ``/root``).
+    A body needs the runtime to import and format tracebacks (in a custom rootfs only what is on
+    sys.path); a command in the host view gets it too (``jail.run([sys.executable, ...])`` must
+    work when Python lives under a 0700 ``/root``); a command in a custom rootfs gets none of it.
     """
     exposures = []
     if tmp is not None:
@@ -240,9 +250,9 @@ def _exposures(item: pytest.Item, spec: JailSpec, tmp: Any, *, body: bool) -> li
         if uses_root_map():
             _chown_tree(path, ROOT_MAP_BASE)
         exposures.append(Exposure(path, path, writable=True))
-    if body or spec.rootfs is None:
+    if body or rootfs is None:
         taken = [e.target for e in exposures]
-        for path in [*runtime_paths(), str(item.config.rootpath)]:
+        for path in [*runtime_paths(imports_only=rootfs is not None), str(item.config.rootpath)]:
             if not any(path == t or path.startswith(t + "/") for t in taken):
                 exposures.append(Exposure(path, path))
                 taken.append(path)
@@ -507,21 +517,21 @@ def jail(request: pytest.FixtureRequest) -> _GuardedJail:
     _guard(item, _host(item.config).require)
     spec = item.stash.get(spec_key, None) or _item_spec(item) or item.config.stash[base_spec_key]
     tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
-    return _GuardedJail(item, Jail(spec, exposures=_exposures(item, spec, tmp, body=False)))
+    return _GuardedJail(item, spec, tmp)
 
 
 class _GuardedJail:
     """The ``jail`` fixture: a :class:`Jail` whose host limitations follow ``--jail-unavailable``."""
 
-    def __init__(self, item: pytest.Item, jail: Jail) -> None:
-        self._item, self._jail = item, jail
-        self.spec = jail.spec
+    def __init__(self, item: pytest.Item, spec: JailSpec, tmp: Any) -> None:
+        self._item, self._tmp = item, tmp
+        self.spec = spec
 
     def run(self, argv: Any, **kwargs: Any) -> JailResult:
         """:meth:`Jail.run`, in the jail of this test."""
-        jail = self._jail
+        rootfs = kwargs.get("rootfs", self.spec.rootfs)
         layers = self._item.stash.get(layers_key, None)
-        if layers is not None and kwargs.get("rootfs", jail.spec.rootfs) is not None:
-            jail = Jail(jail.spec, exposures=jail.exposures, layer=layers.new())
+        layer = layers.new() if layers is not None and rootfs is not None else None
+        jail = Jail(self.spec, exposures=_exposures(self._item, rootfs, self._tmp, body=False), layer=layer)
         result: JailResult = _guard(self._item, lambda: jail.run(argv, **kwargs))
         return result

@@ -265,3 +265,29 @@ def test_keep_failed_keeps_the_layer_of_failed_tests_only(
     kept = sorted(p.name for p in basetemp.iterdir() if "-layer" in p.name and not p.is_symlink())
     assert kept == ["test_fails-layer0"]
     assert (basetemp / "test_fails-layer0" / "upper" / "etc" / "evidence").read_text() == "what went wrong"
+
+
+def test_nojail_opts_a_test_out_of_jail_all(jailed_pytester: pytest.Pytester) -> None:
+    """Under --jail-all, @pytest.mark.nojail runs a body in pytest's own process (it sees the
+    host's hostname) while its jail.run() is still jailed; both markers at once is one line."""
+    jailed_pytester.makepyfile(
+        test_opt="""
+        import socket, pytest
+
+        def test_jailed():
+            assert socket.gethostname() == "jail"
+
+        @pytest.mark.nojail
+        def test_host_side(jail):
+            assert socket.gethostname() != "jail"
+            assert jail.run(["hostname"]).stdout == "jail\\n"
+
+        @pytest.mark.nojail
+        @pytest.mark.jail
+        def test_both():
+            pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("--jail-all")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*JailConfigError: test_opt.py::test_both has both the jail and the nojail marker; keep one"])

@@ -1,0 +1,69 @@
+"""`pytest-jail rootfs debootstrap` (issue 4): a real Debian tree from Debian's package registry,
+cached between runs, used as a jail's root, and never changed by what runs in it.
+
+Needs root and deb.debian.org; CI has both. Deselect on a laptop with ``-m 'not debootstrap'``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_jail
+from conftest import tree_digest
+
+from pytest_jail import Jail
+from pytest_jail import JailSpec
+from pytest_jail.rootfs import cache_dir
+from pytest_jail.rootfs._build import read_stamp
+
+pytestmark = [
+    needs_jail,
+    pytest.mark.debootstrap,
+    pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root"),
+    pytest.mark.skipif(shutil.which("debootstrap") is None, reason="needs debootstrap: apt-get install debootstrap"),
+]
+
+#: Shared with example_project's sshd test, so CI builds it once.
+TREE = os.path.join(cache_dir(), "rootfs", "bookworm-sshd")
+
+
+@pytest.fixture(scope="module")
+def debian() -> str:
+    """bookworm (minbase) with openssh-server, built with the console script as a user would."""
+    command = [sys.executable, "-m", "pytest_jail.cli", "rootfs", "debootstrap", TREE, "--include", "openssh-server"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.strip().split("\n")[-1] in (f"built: {TREE}", f"up to date: {TREE}")
+    return TREE
+
+
+def test_debian_tree_runs_and_is_left_unchanged(debian: str) -> None:
+    """A jail in the Debian tree runs dpkg and apt as its root, removes half the system, and the
+    tree is byte-for-byte the same afterwards."""
+    assert read_stamp(debian) == {"kind": "debootstrap", "suite": "bookworm", "include": ["openssh-server"],
+                                  "mirror": "http://deb.debian.org/debian", "format": 1}
+    before = tree_digest(os.path.join(debian, "etc"))
+    usr = tree_digest(os.path.join(debian, "usr", "sbin"))
+    script = (
+        "cat /etc/debian_version; dpkg-query -W -f='${Status}\\n' openssh-server; id -un; "
+        "rm -rf /usr/sbin /etc/ssh && echo removed; chmod -R 700 /etc && echo chmod; "
+        "echo 'deb http://example.invalid/ x main' > /etc/apt/sources.list && echo written"
+    )
+    result = Jail(JailSpec(rootfs=debian)).run(["/bin/sh", "-c", script])
+    lines = result.stdout.split("\n")
+    assert lines[0].startswith("12."), result.stderr
+    assert lines[1:6] == ["install ok installed", "root", "removed", "chmod", "written"], result.stderr
+    assert tree_digest(os.path.join(debian, "etc")) == before
+    assert tree_digest(os.path.join(debian, "usr", "sbin")) == usr
+
+
+def test_rebuilding_the_same_recipe_does_nothing(debian: str) -> None:
+    """The builder is idempotent: the same recipe again says 'up to date' and changes nothing."""
+    stamp = os.stat(os.path.join(debian, ".pytest-jail-rootfs")).st_mtime_ns
+    command = [sys.executable, "-m", "pytest_jail.cli", "rootfs", "debootstrap", debian, "--include", "openssh-server"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr.strip() == f"up to date: {debian}"
+    assert os.stat(os.path.join(debian, ".pytest-jail-rootfs")).st_mtime_ns == stamp
