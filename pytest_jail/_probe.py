@@ -80,6 +80,11 @@ def probe_host() -> HostSupport:
 
 def explain(error: JailSetupError) -> JailUnavailableError | None:
     """Turn a setup failure that the host's policy caused into reason + remedy (else ``None``)."""
+    if error.step == "mount" and error.errno == errno.ENODEV and "overlay" in error.detail:
+        return JailUnavailableError(
+            "this kernel has no overlayfs, which a rootfs's writable layer needs (mount overlay: ENODEV)",
+            "load it as root: modprobe overlay (or boot a kernel with CONFIG_OVERLAY_FS)",
+        )
     if error.errno not in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL):
         return None
     if error.step == "unshare":

@@ -10,6 +10,7 @@ import os
 import pwd
 import stat
 import sys
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -191,10 +192,28 @@ def idmapped_tree(rootfs: str, userns: str) -> int | None:
             _syscalls().idmap_tree(tree, ns)
         finally:
             os.close(ns)
-    except OSError:
+    except OSError as exc:
         os.close(tree)
+        _warn_not_idmapped(rootfs, exc.strerror or str(exc))
         return None
     return tree
+
+
+#: Rootfs directories this process could not id-map, with the kernel's reason.
+NOT_IDMAPPED: dict[str, str] = {}
+
+
+def _warn_not_idmapped(rootfs: str, reason: str) -> None:
+    """Once per rootfs: the jail's root will not own the host root's files there."""
+    if rootfs in NOT_IDMAPPED:
+        return
+    NOT_IDMAPPED[rootfs] = reason
+    warnings.warn(
+        f"pytest-jail: {rootfs} is on a filesystem this kernel cannot id-map ({reason}; NFS, or tmpfs "
+        "before Linux 6.3): in its jails, files owned by the host's root are read-only to the jail's root",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 @lru_cache(maxsize=1)

@@ -49,3 +49,15 @@ def test_messages() -> None:
     assert str(ERRORS[2]) == "jail setup failed at step 'mount' (/b): Permission denied during bind /a /b"
     assert "exited with status 1" in str(ERRORS[4])
     assert ERRORS[4].result is RESULT
+
+
+def test_missing_overlayfs_is_explained() -> None:
+    """A kernel without overlayfs (ENODEV when the rootfs's layer is mounted) gets cause and remedy."""
+    from pytest_jail._errors import JailSetupError
+    from pytest_jail._probe import explain
+
+    error = JailSetupError("mount", 19, "No such device during mount overlay /newroot", "/newroot")
+    unavailable = explain(error)
+    assert unavailable is not None
+    assert "no overlayfs" in unavailable.reason and "modprobe overlay" in unavailable.remedy
+    assert explain(JailSetupError("mount", 19, "No such device during mount tmpfs /x", "/x")) is None
