@@ -9,6 +9,7 @@ from ._errors import JailSetupError
 from ._errors import JailTimeoutError
 from ._errors import JailUnavailableError
 from ._jail import Jail
+from ._process import JailProcess
 from ._result import JailResult
 from ._spec import Bind
 from ._spec import JailSpec
@@ -18,6 +19,7 @@ __all__ = [
     "Jail",
     "JailConfigError",
     "JailError",
+    "JailProcess",
     "JailProcessError",
     "JailResult",
     "JailSetupError",

@@ -57,6 +57,7 @@ class Launch:
     plan: Sequence[Op]
     hostname: str
     share_net: bool
+    wait_net: bool  # a bridge: the parent plugs the jail in; wait for it before the payload starts
     root_map: bool  # the parent writes a uid/gid range map (pytest runs as real root)
     cwd: str
     status_w: int
@@ -179,6 +180,8 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         if not launch.share_net:
             with _step(launch, "loopback up"):
                 launch.syscalls.link_up("lo")
+        if launch.wait_net and os.read(launch.control_r, 1) != b"n":
+            os._exit(1)  # the parent is gone, or could not set the network up
         if launch.argv is not None:
             pid = _spawn_command(launch)
         else:

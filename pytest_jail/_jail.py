@@ -32,6 +32,9 @@ from ._errors import JailSetupError
 from ._limits import cgroup_for
 from ._limits import usage_fields
 from ._linux.mounts import Exposure
+from ._linux.net import Attachment
+from ._linux.net import networks
+from ._process import JailProcess
 from ._result import JailResult
 from ._spec import JailSpec
 from ._view import ROOT_MAP_BASE
@@ -41,6 +44,7 @@ from ._view import check_readable_by_jail
 from ._view import idmapped_tree
 from ._view import jail_cwd
 from ._view import plan_for
+from ._view import reserve_address
 from ._view import resolve_rootfs
 from ._view import runtime_paths
 from ._view import uses_root_map
@@ -67,6 +71,9 @@ class _Run:
     group: Group | None = None  # the jail's cgroup, removed when the jail is gone
     usage: Usage | None = None
     rusage_cpu: float | None = None
+    attachment: Attachment | None = None  # its place on a bridge, released when it is gone
+    init_pid: int = 0  # the host pid of the jail's init
+    killed: bool = False  # killed on purpose (JailProcess.kill), not by a limit
 
     def close_pipes(self) -> None:
         """Close our ends of the wire, once (a closed number may already be someone else's)."""
@@ -79,6 +86,7 @@ class _Run:
     def receive(self, chunk: bytes) -> None:
         for message in self.reader.feed(chunk):
             if message["kind"] == "init" and self.init is None:
+                self.init_pid = message["pid"]
                 try:
                     self.init = os.pidfd_open(message["pid"])
                 except ProcessLookupError:
@@ -142,16 +150,51 @@ class Jail:
            unless ``input`` is given. ``timeout`` kills the whole jail and sets ``timed_out``
            instead of raising, so the output so far is still in the result.
         """
+        command = self._start("jail.run", argv, input, timeout, env, cwd, spec_overrides)
+        try:
+            command.collect()
+        except BaseException:  # Ctrl-C, a test's own timeout: the jail goes with the caller
+            self._abandon(command.run)
+            raise
+        return command.result()._checked(check)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        **spec_overrides: Any,
+    ) -> JailProcess:
+        """Start ``argv`` in a fresh jail and return at once: a service for the caller to talk to.
+
+        Its output is collected in the background; :meth:`JailProcess.wait` gives its
+        :class:`JailResult`. Use it as a context manager, or call :meth:`JailProcess.kill`: the
+        jail runs until its command ends, its ``timeout``, or the caller's end.
+        """
+        return JailProcess(self._start("jail.spawn", argv, None, timeout, env, cwd, spec_overrides))
+
+    def _start(
+        self,
+        caller: str,
+        argv: Sequence[str],
+        input: str | bytes | None,
+        timeout: float | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        spec_overrides: dict[str, Any],
+    ) -> Command:
         if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
             raise JailConfigError(
-                f"jail.run(argv={argv!r}): argv must be a non-empty list of strings, "
+                f"{caller}(argv={argv!r}): argv must be a non-empty list of strings, "
                 "e.g. ['sh', '-c', 'echo hi'] (a single string is refused, as shell=False)"
             )
         spec = self.spec
         if timeout is not None:
             spec_overrides["timeout"] = timeout
         if spec_overrides:
-            spec = spec.merged(f"jail.run({', '.join(f'{k}=...' for k in spec_overrides)})", spec_overrides)
+            spec = spec.merged(f"{caller}({', '.join(f'{k}=...' for k in spec_overrides)})", spec_overrides)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r = in_w = None
@@ -176,32 +219,8 @@ class Jail:
             for fd in (out_w, err_w, in_r):
                 if fd is not None:
                     os.close(fd)
-        outputs = {out_r: bytearray(), err_r: bytearray()}
         data = input.encode() if isinstance(input, str) else input
-        try:
-            timed_out = self._collect(run, spec.timeout, outputs, in_w, data)
-        except BaseException:  # Ctrl-C, a test's own timeout: the jail goes with the caller
-            self._abandon(run)
-            raise
-        status = self._exit_status(run)
-        returncode = _returncode(status)
-        oom = run.usage is not None and run.usage.oom_kills > 0
-        if not timed_out and not oom:
-            # (With memory.oom.group on cgroup v2, the OOM killer takes init too: no status then.)
-            self._raise_setup_error(run)
-            if status is None:
-                raise JailSetupError("init", None, "the jail ended before it reported the command's status")
-        return JailResult(
-            args=list(argv),
-            returncode=-signal.SIGKILL if timed_out and returncode == 0 else returncode,
-            stdout=outputs[out_r].decode("utf-8", "replace"),
-            stderr=outputs[err_r].decode("utf-8", "replace"),
-            timed_out=timed_out,
-            duration=time.monotonic() - run.started,
-            cpu_time=_cpu_time(run),
-            timeout=spec.timeout,
-            **usage_fields(run.usage, spec),
-        )._checked(check)
+        return Command(self, run, list(argv), spec, out_r, err_r, in_w, data)
 
     def start_call(self, body: Callable[[], Any], *, cwd: str | None = None) -> Call:
         """Build a jail around a fork of this process; ``body`` runs when :meth:`Call.go` is called."""
@@ -218,6 +237,11 @@ class Jail:
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
             check_readable_by_jail(exposures)
+        attachment = None
+        if spec.segment is not None:
+            attachment = reserve_address(spec.segment, spec.hostname, root_map)
+            # The segment's hosts file, kept up to date as jails join: peers by hostname.
+            exposures += (Exposure(attachment.segment.hosts_file, "/etc/hosts"),)
         layer = self.layer if rootfs is not None else None
         plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds))
         group = cgroup_for(spec, exposures)
@@ -228,6 +252,7 @@ class Jail:
             plan=plan,
             hostname=spec.hostname,
             share_net=spec.net == "host",
+            wait_net=attachment is not None,
             root_map=root_map,
             cwd=jail_cwd(cwd or spec.workdir, rootfs, exposures),
             status_w=status_w,
@@ -259,6 +284,8 @@ class Jail:
                 os.close(fd)
             if group is not None:
                 group.remove()
+            if attachment is not None:
+                networks().release(attachment)
             raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
         if pid == 0:
             try:
@@ -268,14 +295,26 @@ class Jail:
                 os._exit(1)  # whatever happens, a child never returns into the caller's stack
         for fd in (status_w, control_r):
             os.close(fd)
-        run = _Run(pid, status_r, control_w, started, group=group)
-        if root_map:
-            try:
+        run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment)
+        try:
+            if root_map:
                 self._write_root_map(run, rootfs)
-            except BaseException:
-                self._abandon(run)
-                raise
+            if attachment is not None:
+                self._connect(run, attachment)
+        except BaseException:
+            self._abandon(run)
+            raise
         return run
+
+    def _connect(self, run: _Run, attachment: Attachment) -> None:
+        """Plug the jail into its segment once its network namespace exists; then let init go on."""
+        message = self._next_message(run, "init")
+        if message is None or run.init is None:
+            self._exit_status(run)
+            self._raise_setup_error(run)
+            raise JailSetupError("network", None, "the jail ended before its network could be set up")
+        networks().connect(attachment, f"/proc/{message['pid']}/ns/net")
+        os.write(run.control, b"n")
 
     def _write_root_map(self, run: _Run, rootfs: str | None) -> None:
         message = self._next_message(run, "map")
@@ -401,6 +440,8 @@ class Jail:
             if run.init is not None:
                 os.close(run.init)
                 run.init = None
+            if run.attachment is not None:
+                networks().release(run.attachment)
         for message in run.messages:
             if message["kind"] == "exit":
                 return int(message["status"])
@@ -410,6 +451,59 @@ class Jail:
         for message in run.messages:
             if message["kind"] == "error":
                 raise _setup_error(message)
+
+
+@dataclass
+class Command:
+    """A command started in a jail: its wire and output pipes, until :meth:`result`."""
+
+    jail: Jail
+    run: _Run
+    args: list[str]
+    spec: JailSpec
+    stdout_fd: int
+    stderr_fd: int
+    stdin_fd: int | None
+    data: bytes | None
+    timed_out: bool = False
+    outputs: dict[int, bytearray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.outputs = {self.stdout_fd: bytearray(), self.stderr_fd: bytearray()}
+
+    @property
+    def ip(self) -> str | None:
+        return None if self.run.attachment is None else self.run.attachment.ip
+
+    def output(self, fd: int) -> str:
+        return bytes(self.outputs[fd]).decode("utf-8", "replace")
+
+    def collect(self) -> None:
+        """Read its output until the jail is gone; kill it at its timeout."""
+        self.timed_out = self.jail._collect(self.run, self.spec.timeout, self.outputs, self.stdin_fd, self.data)
+
+    def result(self) -> JailResult:
+        """Reap the jail (after :meth:`collect`) and say how it ended."""
+        run, timed_out = self.run, self.timed_out
+        status = self.jail._exit_status(run)
+        returncode = _returncode(status)
+        oom = run.usage is not None and run.usage.oom_kills > 0
+        if not timed_out and not oom and not run.killed:
+            # (With memory.oom.group on cgroup v2, the OOM killer takes init too: no status then.)
+            self.jail._raise_setup_error(run)
+            if status is None:
+                raise JailSetupError("init", None, "the jail ended before it reported the command's status")
+        return JailResult(
+            args=self.args,
+            returncode=-signal.SIGKILL if (timed_out or run.killed) and returncode == 0 else returncode,
+            stdout=self.output(self.stdout_fd),
+            stderr=self.output(self.stderr_fd),
+            timed_out=timed_out,
+            duration=time.monotonic() - run.started,
+            cpu_time=_cpu_time(run),
+            timeout=self.spec.timeout,
+            **usage_fields(run.usage, self.spec),
+        )
 
 
 @final

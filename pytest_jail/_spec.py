@@ -13,7 +13,8 @@ from typing import Any
 from ._errors import JailConfigError
 from .rootfs import NAMES
 
-NET_MODES = ("none", "host")
+NET_MODES = ("none", "host", "bridge")
+_SEGMENT = re.compile(r"^bridge:[A-Za-z0-9_-]{1,32}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 # Directories of a custom rootfs that the jail mounts over; a symlink there could point the
@@ -79,7 +80,8 @@ class JailSpec:
 
     :param rootfs: ``None`` for a read-only view of the host's ``/``; a directory used as ``/`` under a
         fresh writable layer; or a name from :data:`pytest_jail.rootfs.NAMES` (``"busybox"``).
-    :param net: ``"none"`` (own network namespace, only ``lo``) or ``"host"``.
+    :param net: ``"none"`` (own network namespace, only ``lo``), ``"host"``, ``"bridge"`` (an address
+        on a host-side bridge) or ``"bridge:NAME"`` (an isolated segment shared by the jails naming it).
     :param timeout: wall-clock seconds before the whole jail is killed.
     :param hostname: the UTS hostname inside.
     :param env: the environment inside; ``None`` inherits the caller's.
@@ -110,9 +112,10 @@ class JailSpec:
             set_(self, "rootfs", _check_rootfs(self.rootfs))
         if self.workdir is not None:
             set_(self, "workdir", _convert("workdir", self.workdir, _jail_path))
-        if self.net not in NET_MODES:
+        if not isinstance(self.net, str) or not (self.net in NET_MODES or _SEGMENT.match(self.net)):
             raise JailConfigError(
-                f"net={self.net!r} is not a network mode; allowed: {', '.join(map(repr, NET_MODES))}"
+                f"net={self.net!r} is not a network mode; allowed: {', '.join(map(repr, NET_MODES))}, "
+                "'bridge:NAME' (NAME: letters, digits, '-' and '_')"
             )
         if self.memory is not None:
             set_(self, "memory", _convert("memory", self.memory, parse_size))
@@ -140,6 +143,11 @@ class JailSpec:
         if isinstance(self.binds, (str, Bind)):
             raise JailConfigError(f"binds={self.binds!r} is not valid; allowed: a list of 'SRC:DST[:ro|rw]'")
         set_(self, "binds", tuple(_convert("binds", b, _to_bind) for b in self.binds))
+
+    @property
+    def segment(self) -> str | None:
+        """The bridge segment this jail joins (``"bridge"`` is a segment too), or ``None``."""
+        return self.net if self.net.startswith("bridge") else None
 
     @property
     def limits(self) -> dict[str, Any]:

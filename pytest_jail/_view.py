@@ -19,6 +19,8 @@ from ._linux.mounts import OLD
 from ._linux.mounts import Exposure
 from ._linux.mounts import closed_ancestors
 from ._linux.mounts import plan_mounts
+from ._linux.net import Attachment
+from ._linux.net import networks
 from ._linux.syscalls import Syscalls
 from .rootfs import NAMES
 from .rootfs import named_rootfs
@@ -219,6 +221,18 @@ def _warn_not_idmapped(rootfs: str, reason: str) -> None:
 @lru_cache(maxsize=1)
 def _syscalls() -> Syscalls:
     return Syscalls()
+
+
+def reserve_address(segment: str, hostname: str, root_map: bool) -> Attachment:
+    """An address on a bridge segment; bridges need the host's root (their host side is in the
+    host's network namespace)."""
+    if not root_map:
+        raise JailUnavailableError(
+            f"net={segment!r} needs pytest to run as root (a bridge and veth pairs in the host's network "
+            "namespace); rootless jails have net='none' and net='host'",
+            "run pytest as root for bridge networks, or use net='none' with a server and its client in one jail",
+        )
+    return networks().reserve(segment, hostname)
 
 
 def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:

@@ -33,9 +33,11 @@ from ._jail import Jail
 from ._jail import runtime_paths
 from ._jail import uses_root_map
 from ._linux.mounts import Exposure
+from ._linux.net import clean_stale as clean_stale_networks
 from ._probe import HostSupport
 from ._probe import explain
 from ._probe import probe_host
+from ._process import JailProcess
 from ._result import JailResult
 from ._result import describe_status
 from ._result import format_size_rounded
@@ -116,6 +118,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.jail_keep_failed or config.getini("jail_keep_failed"):
         config.pluginmanager.register(_KeptLayers(), "jail-keep-failed")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
+    if uses_root_map():
+        clean_stale_networks()  # ...and bridges (two listdirs when there are none)
     if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
         prepare_delegation()  # pytest-xdist's main process, before it starts its workers
     if _unavailable_policy(config) not in ("fail", "skip"):
@@ -511,13 +515,18 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 
 @pytest.fixture
-def jail(request: pytest.FixtureRequest) -> _GuardedJail:
-    """A :class:`Jail` built from this test's marker and the ini/CLI defaults: ``jail.run([...])``."""
+def jail(request: pytest.FixtureRequest) -> Iterator[_GuardedJail]:
+    """A :class:`Jail` built from this test's marker and the ini/CLI defaults: ``jail.run([...])``,
+    ``jail.spawn([...])`` (every spawned jail is killed when the test ends)."""
     item = request.node
     _guard(item, _host(item.config).require)
     spec = item.stash.get(spec_key, None) or _item_spec(item) or item.config.stash[base_spec_key]
     tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
-    return _GuardedJail(item, spec, tmp)
+    guarded = _GuardedJail(item, spec, tmp)
+    try:
+        yield guarded
+    finally:
+        guarded.close()
 
 
 class _GuardedJail:
@@ -526,12 +535,27 @@ class _GuardedJail:
     def __init__(self, item: pytest.Item, spec: JailSpec, tmp: Any) -> None:
         self._item, self._tmp = item, tmp
         self.spec = spec
+        self._spawned: list[JailProcess] = []
 
-    def run(self, argv: Any, **kwargs: Any) -> JailResult:
-        """:meth:`Jail.run`, in the jail of this test."""
+    def _jail(self, kwargs: dict[str, Any]) -> Jail:
         rootfs = kwargs.get("rootfs", self.spec.rootfs)
         layers = self._item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and rootfs is not None else None
-        jail = Jail(self.spec, exposures=_exposures(self._item, rootfs, self._tmp, body=False), layer=layer)
+        return Jail(self.spec, exposures=_exposures(self._item, rootfs, self._tmp, body=False), layer=layer)
+
+    def run(self, argv: Any, **kwargs: Any) -> JailResult:
+        """:meth:`Jail.run`, in the jail of this test."""
+        jail = self._jail(kwargs)
         result: JailResult = _guard(self._item, lambda: jail.run(argv, **kwargs))
         return result
+
+    def spawn(self, argv: Any, **kwargs: Any) -> JailProcess:
+        """:meth:`Jail.spawn`, killed at the end of the test at the latest."""
+        jail = self._jail(kwargs)
+        process: JailProcess = _guard(self._item, lambda: jail.spawn(argv, **kwargs))
+        self._spawned.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self._spawned:
+            process.kill()

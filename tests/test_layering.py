@@ -41,7 +41,7 @@ def test_only_syscalls_module_uses_ctypes() -> None:
 def test_public_api_is_pinned() -> None:
     """The export list is curated, sorted and names the package as each class's module."""
     assert pytest_jail.__all__ == [
-        "Bind", "Jail", "JailConfigError", "JailError", "JailProcessError", "JailResult",
+        "Bind", "Jail", "JailConfigError", "JailError", "JailProcess", "JailProcessError", "JailResult",
         "JailSetupError", "JailSpec", "JailTimeoutError", "JailUnavailableError",
     ]
     assert all(getattr(pytest_jail, n).__module__ == "pytest_jail" for n in pytest_jail.__all__)

@@ -240,7 +240,7 @@ def test_jail_fixture_unjailed_and_jailed(jailed_pytester: pytest.Pytester) -> N
     ("args", "source", "expected"),
     [
         ("timeout=-1", "jail marker on test_bad.py::test_bad", "timeout=-1 is not valid; allowed: a positive number"),
-        ("net='wifi'", "jail marker on test_bad.py::test_bad", "net='wifi' is not a network mode; allowed: 'none', 'host'"),
+        ("net='wifi'", "jail marker on test_bad.py::test_bad", "net='wifi' is not a network mode; allowed: 'none', 'host', 'bridge', 'bridge:NAME'*"),
         ("rootfs='does/not/exist'", "jail marker on test_bad.py::test_bad", "rootfs='*does/not/exist' does not exist*"),
         ("colour='red'", "jail marker on test_bad.py::test_bad", "unknown argument 'colour'; allowed: rootfs, net*"),
     ],
@@ -270,7 +270,7 @@ def test_bad_cli_and_ini_values(jailed_pytester: pytest.Pytester) -> None:
     """Bad option values stop pytest at start-up with one line naming the option or ini key."""
     jailed_pytester.makepyfile("def test_x(): pass")
     result = jailed_pytester.runpytest_subprocess("--jail-net=wifi")
-    result.stderr.fnmatch_lines(["ERROR: --jail-net: net='wifi' is not a network mode; allowed: 'none', 'host'"])
+    result.stderr.fnmatch_lines(["ERROR: --jail-net: net='wifi' is not a network mode; allowed: 'none', 'host', 'bridge', 'bridge:NAME'*"])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     jailed_pytester.makeini("[pytest]\njail_timeout = soon\n")
     result = jailed_pytester.runpytest_subprocess()

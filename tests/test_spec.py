@@ -45,7 +45,7 @@ def test_defaults() -> None:
     ("changes", "expected"),
     [
         ({"timeout": -1}, "marker on t: timeout=-1 is not valid; allowed: a positive number"),
-        ({"net": "wifi"}, "marker on t: net='wifi' is not a network mode; allowed: 'none', 'host'"),
+        ({"net": "wifi"}, "marker on t: net='wifi' is not a network mode; allowed: 'none', 'host', 'bridge', 'bridge:NAME' (NAME: letters, digits, '-' and '_')"),
         ({"pids": 0}, "marker on t: pids=0 is not valid; allowed: a positive whole number"),
         ({"memory": "lots"}, "marker on t: memory='lots' is not valid; allowed: a size like 512k, 64M"),
         ({"hostname": "bad name"}, "marker on t: hostname='bad name' is not valid"),

@@ -172,6 +172,10 @@ class Syscalls:
         )
         self._check(ret, target)
 
+    def setns(self, fd: int, nstype: int) -> None:
+        """Move the calling thread into the namespace ``fd`` refers to (``os.setns`` is 3.12+)."""
+        self._check(self._libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+
     def sethostname(self, name: str) -> None:
         raw = name.encode()
         self._check(self._libc.sethostname(raw, ctypes.c_size_t(len(raw))))

@@ -115,23 +115,24 @@ def _swap_in(partial: str, target: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Remove a tree even where its modes say no (a 0555 directory from an image)."""
+    """Remove a tree even where its modes say no (a 0555 directory from an image, the 0000 work
+    directory overlayfs leaves in a writable layer): each directory is made ours before entry."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        _make_ours(path)
+        for parent, dirs, _ in os.walk(path):  # top-down: a directory's mode is fixed before entry
+            for name in dirs:
+                _make_ours(os.path.join(parent, name))
+    shutil.rmtree(path)
 
-    def make_writable(function: Any, failed: str, _exc: Any) -> None:
-        parent = os.path.dirname(failed)
-        for path_ in (parent, failed):
-            try:
-                if not os.path.islink(path_):
-                    os.chmod(path_, 0o700)
-            except OSError:
-                pass
-        try:
-            function(failed)
-        except FileNotFoundError:
-            pass
 
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=make_writable)
+def _make_ours(path: str) -> None:
+    try:
+        if not os.path.islink(path):
+            os.chmod(path, 0o700)
+    except OSError:
+        pass
 
 
 def remove_stale(parent: str, name: str) -> None:

@@ -1,0 +1,325 @@
+"""Networks between jails: a host-side bridge per segment, a veth pair per jail, addresses.
+
+All netlink work goes through pyroute2, here and nowhere else (a test checks it); it is imported
+only when a jail asks for a bridge (the import costs 0.2 s). Root only: the host side of a
+bridge lives in the host's network namespace.
+
+Addresses come from 198.18.0.0/15, RFC 2544's benchmarking range, which real networks do not
+route: 512 segments of a /24, gateway ``.1`` (the host side), jails ``.2``-``.254``. A segment is
+leased machine-wide with a lock on ``/run/pytest-jail/net/<n>``, held for the owner's lifetime:
+concurrent pytest sessions and xdist workers never share a subnet, and a lease whose lock is free
+belongs to a dead process, whose bridge and veths the next start-up removes.
+
+A jail on a segment gets its address and the route to its segment, and no default route: it can
+reach the jails of its segment and the host side (the gateway), nothing else, and nothing it
+sends can leave the machine (the bridge also never forwards: ``forwarding=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from .._errors import JailSetupError
+from .syscalls import CLONE_NEWNET
+from .syscalls import Syscalls
+
+LEASES = "/run/pytest-jail/net"
+SEGMENTS = 512
+
+
+def prefix(index: int) -> str:
+    """The first three octets of segment ``index``'s /24."""
+    return f"198.{18 + index // 256}.{index % 256}"
+
+
+def bridge_name(index: int) -> str:
+    return f"pjbr{index}"
+
+
+def veth_prefix(index: int) -> str:
+    return f"pjv{index}x"
+
+
+@dataclass
+class Segment:
+    """A leased /24 with its bridge, owned by this process."""
+
+    name: str
+    index: int
+    lease: int  # the locked lease file's descriptor
+    bridge: int = 0  # ifindex
+    hosts: dict[int, str] = field(default_factory=dict)  # host octet -> hostname
+
+    @property
+    def gateway(self) -> str:
+        return f"{prefix(self.index)}.1"
+
+    @property
+    def hosts_file(self) -> str:
+        return os.path.join(LEASES, f"{self.index}.hosts")
+
+
+@dataclass
+class Attachment:
+    """One jail's place on a segment: its address, its veth's host end."""
+
+    segment: Segment
+    host: int
+
+    @property
+    def ip(self) -> str:
+        return f"{prefix(self.segment.index)}.{self.host}"
+
+    @property
+    def veth(self) -> str:
+        return f"{veth_prefix(self.segment.index)}{self.host}"
+
+
+class Networks:
+    """This process's segments; thread-safe (``jail.spawn`` collects jails from threads)."""
+
+    def __init__(self) -> None:
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.Lock()
+        self._ipr: Any = None
+
+    def reserve(self, segment: str, hostname: str) -> Attachment:
+        """An address on ``segment`` (made on first use), listed under ``hostname`` in its hosts file."""
+        with self._lock:
+            seg = self._segments.get(segment) or self._make(segment)
+            free = [h for h in range(2, 255) if h not in seg.hosts]
+            if not free:
+                raise JailSetupError("network", errno.ENOSPC, f"segment {segment!r} has 253 jails already")
+            seg.hosts[free[0]] = hostname
+            self._write_hosts(seg)
+            return Attachment(seg, free[0])
+
+    def connect(self, attachment: Attachment, netns: str) -> None:
+        """Plug the jail whose network namespace is ``netns`` into its segment, and configure it."""
+        ipr = self._iproute()
+        seg = attachment.segment
+        with _step(f"veth {attachment.veth}"):
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ipr.link("add", ifname=attachment.veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd})
+                with _visiting(fd):
+                    from pyroute2 import IPRoute
+
+                    inside = IPRoute()
+                    _sysctl("ipv6/conf/eth0/disable_ipv6", "1")  # no router solicitations on the segment
+            finally:
+                os.close(fd)
+            (veth,) = ipr.link_lookup(ifname=attachment.veth)
+            ipr.link("set", index=veth, master=seg.bridge, state="up")
+        with _step("eth0 in the jail"), contextlib.closing(inside):
+            (eth0,) = inside.link_lookup(ifname="eth0")
+            inside.addr("add", index=eth0, address=attachment.ip, prefixlen=24)
+            inside.link("set", index=eth0, state="up")
+
+    def release(self, attachment: Attachment) -> None:
+        """The jail is gone: remove its veth (if the kernel has not) and free its address."""
+        with self._lock:
+            _delete_links(self._iproute(), [attachment.veth])
+            seg = attachment.segment
+            seg.hosts.pop(attachment.host, None)
+            if seg.index >= 0 and self._segments.get(seg.name) is seg:
+                self._write_hosts(seg)
+
+    def close(self) -> None:
+        """Remove every bridge of this process and give back its leases."""
+        with self._lock:
+            for seg in self._segments.values():
+                _remove_segment(self._iproute(), seg.index)
+                _close_quietly(seg.lease)
+            self._segments.clear()
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+
+    # -- inside -------------------------------------------------------------------------------
+
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def _make(self, name: str) -> Segment:
+        index, lease = _lease()
+        seg = Segment(name, index, lease)
+        ipr = self._iproute()
+        with _step(f"bridge {bridge_name(index)}"):
+            _remove_segment(ipr, index, lease_file=False)  # a dead owner's leftovers
+            ipr.link("add", ifname=bridge_name(index), kind="bridge")
+            (seg.bridge,) = ipr.link_lookup(ifname=bridge_name(index))
+            _sysctl(f"ipv4/conf/{bridge_name(index)}/forwarding", "0")  # nothing is routed on
+            _sysctl(f"ipv6/conf/{bridge_name(index)}/disable_ipv6", "1")
+            ipr.addr("add", index=seg.bridge, address=seg.gateway, prefixlen=24)
+            ipr.link("set", index=seg.bridge, state="up")
+        self._segments[name] = seg
+        return seg
+
+    def _write_hosts(self, seg: Segment) -> None:
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{seg.gateway}\tgateway"]
+        lines += [f"{prefix(seg.index)}.{host}\t{name}" for host, name in sorted(seg.hosts.items())]
+        # In place, never replaced: each jail's /etc/hosts is a bind of this very inode.
+        fd = os.open(seg.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            data = ("\n".join(lines) + "\n").encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    try:
+        yield
+    except JailSetupError:
+        raise
+    except Exception as exc:  # pyroute2's NetlinkError is an OSError with the netlink errno
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+        detail = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
+        raise JailSetupError("network", code if isinstance(code, int) else None, f"{what}: {detail}") from None
+
+
+@contextlib.contextmanager
+def _visiting(netns_fd: int) -> Iterator[None]:
+    """Run the block in another network namespace: setns changes only the calling thread's, and
+    a netlink socket (or a /proc/sys/net file) opened there stays there after the thread is back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sys = Syscalls()
+        sys.setns(netns_fd, CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            sys.setns(own, CLONE_NEWNET)
+    finally:
+        os.close(own)
+
+
+def _lease() -> tuple[int, int]:
+    """A segment no live process holds: its index and the locked lease file."""
+    os.makedirs(LEASES, mode=0o755, exist_ok=True)
+    index = 0
+    while index < SEGMENTS:
+        path = os.path.join(LEASES, str(index))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            index += 1
+            continue
+        if os.fstat(fd).st_nlink == 0:  # a cleaner removed this stale lease while we opened it
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return index, fd
+    raise JailSetupError("network", errno.ENOSPC, f"all {SEGMENTS} segments of 198.18.0.0/15 are in use ({LEASES})")
+
+
+def _remove_segment(ipr: Any, index: int, *, lease_file: bool = True) -> None:
+    names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    _delete_links(ipr, [n for n in names if n == bridge_name(index) or n.startswith(veth_prefix(index))])
+    if lease_file:
+        for path in (os.path.join(LEASES, str(index)), os.path.join(LEASES, f"{index}.hosts")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _delete_links(ipr: Any, names: list[str]) -> None:
+    for name in names:
+        for index in ipr.link_lookup(ifname=name):
+            with contextlib.suppress(Exception):  # gone meanwhile: its namespace died
+                ipr.link("del", index=index)
+
+
+def clean_stale() -> None:
+    """Remove the segments of dead processes: leases nobody holds, and links without a lease."""
+    try:
+        entries = os.listdir(LEASES)
+    except FileNotFoundError:
+        entries = []
+    live: set[int] = set()
+    stale: list[int] = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fd = os.open(os.path.join(LEASES, entry), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Free, and not just created by a process about to lock it: its owner is dead.
+            if time.time() - os.fstat(fd).st_mtime > 10:
+                stale.append(int(entry))
+            else:
+                live.add(int(entry))
+        except BlockingIOError:
+            live.add(int(entry))
+        finally:
+            os.close(fd)  # our lock, if we got one, goes with it
+    if not stale and not _orphan_links(live):
+        return
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for index in stale:
+            _remove_segment(ipr, index)
+        _delete_links(ipr, _orphan_links(live))
+
+
+def _orphan_links(live: set[int]) -> list[str]:
+    """Our links (by name) whose segment no live process leases."""
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return []
+    orphans = []
+    for name in names:
+        for head in ("pjbr", "pjv"):
+            digits = name[len(head):].split("x")[0]
+            if name.startswith(head) and digits.isdigit() and int(digits) not in live:
+                orphans.append(name)
+    return orphans
+
+
+def _sysctl(name: str, value: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        with open(f"/proc/sys/net/{name}", "w") as f:
+            f.write(value)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+_networks: Networks | None = None
+
+
+def networks() -> Networks:
+    """This process's networks, made on first use and closed at exit."""
+    global _networks
+    if _networks is None:
+        import atexit
+
+        clean_stale()  # a killed earlier run's bridges, before we lease a segment
+        _networks = Networks()
+        atexit.register(_networks.close)
+    return _networks

@@ -1,0 +1,178 @@
+"""Networks between jails (issue 5): bridges and isolated segments on real veth pairs, services
+with jail.spawn, addresses that never collide, nothing left behind. Root only (a bridge lives in
+the host's network namespace); rootless gets a clear error.
+
+Every address a test aims at is either a jail's (198.18.0.0/15, routed nowhere but our bridges)
+or a documentation address a bridged jail has no route to: no packet leaves this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import needs_busybox
+from conftest import needs_jail
+from conftest import root_mode
+from conftest import rootless_mode
+
+from pytest_jail import Jail
+from pytest_jail import JailConfigError
+from pytest_jail import JailSpec
+from pytest_jail import JailUnavailableError
+
+pytestmark = [needs_jail, needs_busybox]
+
+
+def _links() -> set[str]:
+    return {name for name in os.listdir("/sys/class/net") if name.startswith(("pjbr", "pjv"))}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory busybox httpd serves (world-readable: root mode runs the jail as another uid)."""
+    (tmp_path / "index.html").write_text("hello from the jail\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path / "index.html", 0o644)
+    return tmp_path
+
+
+HTTPD = ["busybox", "httpd", "-f", "-p", "8000", "-h", "/srv"]
+
+
+@root_mode
+def test_jails_on_a_segment_talk_and_other_segments_cannot(site: Path) -> None:
+    """A server and a client on bridge:x talk TCP by hostname; a jail on bridge:y cannot reach the
+    server (at once: it has no route), and neither can the test process reach beyond the segment."""
+    jail = Jail()
+    with jail.spawn(HTTPD, net="bridge:x", hostname="server", binds=[f"{site}:/srv"]) as server:
+        server.wait_for_port(8000)
+        assert server.ip is not None and server.ip.startswith("198.1")
+        client = jail.run(["busybox", "wget", "-q", "-O", "-", "http://server:8000/"], net="bridge:x", hostname="client")
+        assert client.stdout == "hello from the jail\n", client.stderr
+        started = time.monotonic()
+        other = jail.run(["busybox", "nc", "-w", "5", server.ip, "8000"], net="bridge:y", input="GET / HTTP/1.0\r\n\r\n")
+        assert other.returncode != 0 and other.stdout == ""
+        assert "unreachable" in other.stderr.lower(), other.stderr
+        assert time.monotonic() - started < 3  # refused by routing, not a timeout
+    assert server.wait().returncode == -signal.SIGTERM
+
+
+@root_mode
+def test_test_process_reaches_a_spawned_server_by_ip(site: Path) -> None:
+    """jail.spawn on net='bridge': the test process talks to the service at .ip; the service sees
+    the host side as 'gateway'; .pid is the host pid of the command; output is collected."""
+    with Jail().spawn([*HTTPD, "-vv"], net="bridge", hostname="web", binds=[f"{site}:/srv"]) as server:
+        server.wait_for_port(8000)
+        with urllib.request.urlopen(f"http://{server.ip}:8000/index.html", timeout=5) as reply:
+            assert reply.read() == b"hello from the jail\n"
+        assert server.pid is not None and open(f"/proc/{server.pid}/comm").read().strip() == "busybox"
+        hosts = Jail().run(["cat", "/etc/hosts"], net="bridge", hostname="peer").stdout
+        assert f"{server.ip}\tweb" in hosts and "\tgateway" in hosts and "\tpeer" in hosts
+    result = server.wait()
+    assert "GET /index.html" in result.stderr or "index.html" in result.stderr, result.stderr
+
+
+@root_mode
+def test_off_segment_attempts_fail_at_once_and_send_nothing() -> None:
+    """A bridged jail has no route off its segment: a connect to a documentation address fails with
+    ENETUNREACH at once, and the host's bridge sees no packet from it."""
+    script = (
+        "cat /sys/class/net/eth0/statistics/tx_packets; "
+        "busybox nc -w 2 203.0.113.7 80 </dev/null; echo rc=$?; "
+        "cat /sys/class/net/eth0/statistics/tx_packets"
+    )
+    result = Jail().run(["sh", "-c", script], net="bridge:quiet")
+    before, rc, after = result.stdout.split()
+    assert rc != "rc=0" and "unreachable" in result.stderr.lower(), result.stderr
+    assert before == after  # not one packet left the jail's interface
+
+
+@root_mode
+def test_wait_for_port_reports_a_jail_that_ended() -> None:
+    """wait_for_port on a service that exits says so with its result, not after the timeout."""
+    from pytest_jail import JailProcessError
+
+    process = Jail().spawn(["sh", "-c", "echo bye >&2; exit 3"], net="bridge")
+    with pytest.raises(JailProcessError) as info:
+        process.wait_for_port(8000, timeout=30)
+    assert info.value.result.returncode == 3 and info.value.result.stderr == "bye\n"
+
+
+def test_wait_for_port_needs_a_reachable_network() -> None:
+    """A service with net='none' cannot be reached from outside: one clear line, at once."""
+    process = Jail().spawn(["sleep", "30"])
+    try:
+        with pytest.raises(JailConfigError, match="net='none': nothing outside the jail can reach its ports"):
+            process.wait_for_port(80)
+    finally:
+        assert process.kill().returncode == -signal.SIGKILL
+
+
+@rootless_mode
+def test_rootless_bridge_is_refused_with_the_cause() -> None:
+    """Rootless, a bridge cannot be made: the error says why and what to do, and nothing runs."""
+    with pytest.raises(JailUnavailableError, match="needs pytest to run as root.*net='none'"):
+        Jail(JailSpec(net="bridge")).run(["true"])
+
+
+@root_mode
+def test_parallel_sessions_never_share_a_subnet_and_leave_nothing(jailed_pytester: pytest.Pytester) -> None:
+    """pytest -n 2, each test on bridge:x: the two workers get different subnets (a segment belongs
+    to one process), and no bridge, veth or lease is left after the run."""
+    jailed_pytester.makepyfile(
+        test_many="""
+        import pathlib, time, pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_on_segment(jail, n):
+            with jail.spawn(["sleep", "1"], net="bridge:x") as p:  # overlap the two workers' jails
+                r = jail.run(["sh", "-c", "ip -4 -o addr show eth0"], net="bridge:x")
+            assert r.returncode == 0
+            pathlib.Path(__file__).with_name(f"addr-{n}").write_text(r.stdout.split()[3] + " " + p.ip)
+        """
+    )
+    before = _links()
+    result = jailed_pytester.runpytest_subprocess("-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=6)
+    seen = [(jailed_pytester.path / f"addr-{n}").read_text().split() for n in range(6)]
+    subnets = {address.rsplit(".", 2)[0] + "." + address.split(".")[2] for address, _ in seen}
+    assert len(subnets) == 2, seen  # one segment per worker process, never the same subnet
+    assert _links() == before
+    assert [e for e in os.listdir("/run/pytest-jail/net") if e.split(".")[0].isdigit()] == [] or before
+
+
+@root_mode
+def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytest.Pytester) -> None:
+    """SIGKILL pytest while a bridged test runs: its bridge and veth stay (nobody could remove
+    them); the next pytest start removes them."""
+    jailed_pytester.makepyfile(
+        test_hang="""
+        def test_hang(jail):
+            p = jail.spawn(["sleep", "60"], net="bridge:x")
+            print("SPAWNED", flush=True)
+            import time; time.sleep(60)
+        """,
+        test_nothing="def test_nothing():\n    pass\n",
+    )
+    before = _links()
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "test_hang.py"],
+                            cwd=jailed_pytester.path, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "SPAWNED" in line:
+            break
+    proc.kill()
+    proc.wait()
+    left = _links() - before
+    assert any(n.startswith("pjbr") for n in left), left  # the dead session's bridge
+    time.sleep(11)  # a lease is only taken for stale once its owner is gone long enough to be sure
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_nothing.py"],
+                          cwd=jailed_pytester.path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    assert _links() - before == set()
