@@ -25,6 +25,7 @@ from typing import Any
 from typing import NoReturn
 
 from . import _wire
+from ._linux import blackhole
 from ._linux import syscalls as sc
 from ._linux.mounts import Executor
 from ._linux.mounts import Op
@@ -58,6 +59,7 @@ class Launch:
     hostname: str
     share_net: bool
     wait_net: bool  # a bridge: the parent plugs the jail in; wait for it before the payload starts
+    record: bool  # route what leaves for the outside to a recorder (blackhole.py)
     root_map: bool  # the parent writes a uid/gid range map (pytest runs as real root)
     cwd: str
     status_w: int
@@ -70,6 +72,7 @@ class Launch:
     body: Callable[[], Any] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
     tree: int | None = None  # root mode: the rootfs, id-mapped to the jail's ids by the parent
+    tun: int | None = None  # the recorder's device, in init
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
     parent_pid: int = 0
@@ -166,6 +169,11 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         if select.select([helper], [], [], 0)[0]:  # the helper died before the prctl: follow it
             os._exit(1)
         os.close(helper)
+        if launch.record:
+            try:  # before the mounts: /dev/net/tun is the host's (a nested jail has none: no record)
+                launch.tun = launch.syscalls.open_tun(blackhole.DEVICE, blackhole.ADDRESS)
+            except OSError:
+                launch.tun = None
         with _step(launch, "mount"):
             ex = Executor(launch.syscalls, launch.sources, launch.tree)
             for op in launch.plan:
@@ -192,14 +200,12 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             with _step(launch, "drop capabilities"):
                 launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
         _close(launch.stdin, launch.stdout, launch.stderr)
-        while True:  # reap everything; stop when the payload ends
-            try:
-                reaped, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # pragma: no cover
-                status = 0
-                break
-            if reaped == pid:
-                break
+        if launch.tun is None:
+            status = _reap_until(pid)
+        else:
+            recorder = blackhole.Recorder()
+            status = _reap_until(pid, launch.tun, recorder)
+            _send(launch, "blocked", attempts=recorder.attempts, dropped=recorder.dropped)
         _send(launch, "exit", status=status)
         code = 0  # leaving kills every process still in the jail: the pid namespace dies with init
     except _StepFailed:
@@ -208,6 +214,52 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         _send(launch, "error", step="init", errno=None, detail=repr(sys.exc_info()[1]), path=None)
     finally:
         os._exit(code)
+
+
+def _reap_until(pid: int, tun: int | None = None, recorder: blackhole.Recorder | None = None) -> int:
+    """Reap every process of the jail until ``pid`` ends; meanwhile answer what reaches the
+    recorder's device. Returns ``pid``'s wait status."""
+    if tun is None:
+        while True:
+            try:
+                reaped, status = os.waitpid(-1, 0)
+            except ChildProcessError:  # pragma: no cover
+                return 0
+            if reaped == pid:
+                return status
+    assert recorder is not None
+    payload = os.pidfd_open(pid)
+    try:
+        while True:
+            ready = select.select([tun, payload], [], [], 1.0)[0]  # 1 s: orphans are reaped too
+            if tun in ready:
+                _answer(tun, recorder)
+            while True:
+                try:
+                    reaped, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:  # pragma: no cover
+                    return 0
+                if reaped == 0:
+                    break
+                if reaped == pid:
+                    _answer(tun, recorder)  # what it sent last
+                    return status
+    finally:
+        os.close(payload)
+
+
+def _answer(tun: int, recorder: blackhole.Recorder) -> None:
+    for _ in range(256):  # a burst at a time; the loop comes back
+        try:
+            packet = os.read(tun, 65535)
+        except (BlockingIOError, OSError):
+            return
+        answer = recorder.handle(packet)
+        if answer is not None:
+            try:
+                os.write(tun, answer)
+            except OSError:
+                pass
 
 
 # Python ignores SIGPIPE and may ignore others; a command starts with every signal at its default
@@ -267,6 +319,7 @@ def payload_main(launch: Launch) -> NoReturn:
     assert launch.body is not None
     code = 1
     try:
+        _close(launch.tun)  # init's recorder, not the body's
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setsid()
         with _step(launch, "stdio"):

@@ -243,7 +243,8 @@ class Jail:
             # The segment's hosts file, kept up to date as jails join: peers by hostname.
             exposures += (Exposure(attachment.segment.hosts_file, "/etc/hosts"),)
         layer = self.layer if rootfs is not None else None
-        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds))
+        record = spec.net != "host"  # what it tries to reach outside is recorded and refused
+        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds), record)
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
@@ -253,6 +254,7 @@ class Jail:
             hostname=spec.hostname,
             share_net=spec.net == "host",
             wait_net=attachment is not None,
+            record=record,
             root_map=root_map,
             cwd=jail_cwd(cwd or spec.workdir, rootfs, exposures),
             status_w=status_w,
@@ -502,6 +504,7 @@ class Command:
             duration=time.monotonic() - run.started,
             cpu_time=_cpu_time(run),
             timeout=self.spec.timeout,
+            blocked=_blocked(run),
             **usage_fields(run.usage, self.spec),
         )
 
@@ -549,6 +552,7 @@ class Call:
             timeout=spec.timeout,
             duration=self.duration,
             cpu_time=self.cpu_time,
+            blocked=_blocked(self._run),
             **usage_fields(self._run.usage, spec),
         )
 
@@ -573,6 +577,16 @@ def _returncode(status: int | None) -> int:
 
 def _cpu_time(run: _Run) -> float | None:
     return run.usage.cpu_time if run.usage is not None and run.usage.cpu_time is not None else run.rusage_cpu
+
+
+def _blocked(run: _Run) -> list[str] | None:
+    for message in run.messages:
+        if message["kind"] == "blocked":
+            attempts = list(message["attempts"])
+            if message.get("dropped"):
+                attempts.append(f"... and {message['dropped']} more")
+            return attempts
+    return None
 
 
 def _close_quietly(fd: int) -> None:

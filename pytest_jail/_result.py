@@ -46,6 +46,7 @@ class JailResult:
     peak_memory: int | None = None
     cpu_time: float | None = None
     pids_limit_hit: int = 0  # forks refused at the process limit
+    blocked: list[str] | None = None  # what it tried to reach outside; None: not recorded (net="host")
     timeout: float | None = field(default=None, repr=False)
     memory_limit: int | None = field(default=None, repr=False)
     memory_budget: int | None = field(default=None, repr=False)
@@ -65,6 +66,12 @@ class JailResult:
             return (f"process limit reached (pids {self.pids_limit}): fork failed {self.pids_limit_hit} "
                     f"time{'s' if self.pids_limit_hit != 1 else ''}; {describe_status(self.returncode)}")
         return describe_status(self.returncode)
+
+    def blocked_line(self) -> str | None:
+        """``network access blocked: tcp 93.184.216.34:443, dns example.com``, or ``None``."""
+        if not self.blocked:
+            return None
+        return f"network access blocked: {', '.join(self.blocked)}"
 
     def check_returncode(self) -> None:
         """Raise :class:`JailProcessError` if the command failed, timed out or was killed."""

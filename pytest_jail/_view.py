@@ -87,6 +87,7 @@ def plan_for(
     tmp_size: int | None,
     layer: str | None = None,
     binds: tuple[str, ...] = (),
+    record: bool = False,
 ) -> list[Any]:
     """The mount plan of a jail; ``binds`` are the targets the user bound explicitly, which the
     host view's hygiene leaves alone."""
@@ -102,8 +103,20 @@ def plan_for(
             )
         hidden = tuple(h for h in hidden if not any(_is_under(h, b) or _is_under(b, h) for b in binds))
         exposures = exposures + tuple(r for r in revealed if all(e.target != r.target for e in exposures))
-        return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden)
-    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), ())
+        resolv = _resolv_conf("/") if record and "/etc/resolv.conf" not in binds else None
+        return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden, resolv)
+    resolv = _resolv_conf(rootfs) if record and "/etc/resolv.conf" not in binds else None
+    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv)
+
+
+def _resolv_conf(root: str) -> str | None:
+    """Where the jail finds its resolv.conf, resolved as the jail will see it (``/etc/resolv.conf``
+    may link into ``/run``), or ``None`` when there is none to cover."""
+    path = os.path.join(root, "etc/resolv.conf")
+    if root == "/":
+        real = os.path.realpath(path)
+        return real if os.path.isfile(real) else None
+    return "/etc/resolv.conf" if os.path.isfile(path) and not os.path.islink(path) else None
 
 
 @lru_cache(maxsize=64)
@@ -116,9 +129,11 @@ def _cached_plan(
     layer: str | None,
     scratch: tuple[tuple[str, str], ...],
     hidden: tuple[str, ...],
+    resolv: str | None,
 ) -> list[Any]:
     return plan_mounts(
-        rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden
+        rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
+        resolv=resolv,
     )
 
 

@@ -402,15 +402,28 @@ def pytest_runtest_makereport(
     the jail stopped on top of it, and shorten jail errors to one line."""
     report: pytest.TestReport = yield
     jailed = item.stash.get(call_key, None)
-    if call.when == "call" and jailed is not None and jailed.report and not item.stash.get(inside_key, False):
-        report = _deserialize(item.config, jailed.report["report"])
+    if call.when == "call" and jailed is not None and not item.stash.get(inside_key, False):
         result = item.stash.get(result_key, None)
-        if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
-            report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
+        if jailed.report:
+            report = _deserialize(item.config, jailed.report["report"])
+            if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
+                report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
+        _note_blocked(report, result)
     if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):
         error = call.excinfo.value
         report.longrepr = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}: {error}"
     return report
+
+
+def _note_blocked(report: pytest.TestReport, result: JailResult | None) -> None:
+    """What the body tried to reach outside: a section of every report (``-rA`` shows it for
+    passing tests too), and the first line of a failure."""
+    line = None if result is None else result.blocked_line()
+    if line is None or result is None or result.blocked is None:
+        return
+    report.sections.append(("jail: network access blocked", "\n".join(result.blocked)))
+    if report.failed:
+        report.longrepr = _Headed(f"jail: {line}", report.longrepr)  # type: ignore[assignment]
 
 
 class _Headed:

@@ -115,7 +115,8 @@ def test_writable_exposure(tmp_path: os.PathLike[str]) -> None:
 
 
 def test_net_none_has_only_loopback_and_cannot_reach_host_loopback() -> None:
-    """net='none': only lo, up; a server on the host's 127.0.0.1 is unreachable."""
+    """net='none': only lo, up (and blocked0, the recorder, with no other end); a server on the
+    host's 127.0.0.1 is unreachable."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     accepted: list[object] = []
@@ -129,7 +130,7 @@ def test_net_none_has_only_loopback_and_cannot_reach_host_loopback() -> None:
     finally:
         thread.join()
         server.close()
-    assert result.stdout.split("\n")[:2] == ["['lo']", "111"], result  # ECONNREFUSED inside
+    assert result.stdout.split("\n")[:2] == ["['blocked0', 'lo']", "111"], result  # ECONNREFUSED inside
     assert accepted == []
 
 

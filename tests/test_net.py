@@ -176,3 +176,57 @@ def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytes
                           cwd=jailed_pytester.path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     assert _links() - before == set()
+
+
+def test_blocked_attempts_of_a_c_program_are_recorded() -> None:
+    """net='none': a connect by a C program (busybox nc) and a name lookup by Python fail at once,
+    as without a network, and the result names both; nothing reaches any host interface (the
+    recorder's device has no other end)."""
+    script = (
+        "busybox nc -w 5 93.184.216.34 443 </dev/null; "
+        "python3 -c \"import socket; socket.getaddrinfo('example.com', 443)\" 2>&1 | tail -1; "
+        "busybox nc -u -w 1 192.0.2.77 5000 </dev/null"
+    )
+    started = time.monotonic()
+    result = Jail().run(["sh", "-c", script])
+    assert time.monotonic() - started < 4, result  # no connect hung until its timeout
+    assert "Network is unreachable" in result.stderr, result.stderr
+    assert result.blocked is not None
+    assert result.blocked[:2] == ["tcp 93.184.216.34:443", "dns example.com"], result.blocked
+    assert result.blocked_line() is not None and result.blocked_line().startswith(
+        "network access blocked: tcp 93.184.216.34:443, dns example.com")
+
+
+def test_host_network_records_nothing() -> None:
+    """net='host' is the host's own network: nothing is recorded (None, not an empty list)."""
+    assert Jail().run(["true"], net="host").blocked is None
+    assert Jail().run(["true"]).blocked == []
+
+
+def test_report_names_what_a_body_tried_to_reach(jailed_pytester: pytest.Pytester) -> None:
+    """A jailed body that phones home: its failure starts with what the jail blocked, and a
+    passing test's report carries the same section (shown with -rA)."""
+    jailed_pytester.makepyfile(
+        test_phone="""
+        import socket, subprocess, pytest
+
+        @pytest.mark.jail
+        def test_update_check():
+            subprocess.run(["busybox", "nc", "-w", "3", "93.184.216.34", "443"], stdin=subprocess.DEVNULL)
+            socket.create_connection(("203.0.113.5", 80), timeout=3)
+
+        @pytest.mark.jail
+        def test_quiet_failure():
+            try:
+                socket.create_connection(("203.0.113.6", 8080), timeout=3)
+            except OSError:
+                pass
+        """
+    )
+    result = jailed_pytester.runpytest_subprocess("-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*test_update_check*",
+        "jail: network access blocked: tcp 93.184.216.34:443, tcp 203.0.113.5:80",
+    ])
+    result.stdout.fnmatch_lines(["*jail: network access blocked*", "tcp 203.0.113.6:8080"])

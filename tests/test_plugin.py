@@ -297,14 +297,14 @@ def test_precedence_marker_over_cli_over_ini(jailed_pytester: pytest.Pytester) -
 
         @pytest.mark.jail(net="none")
         def test_marker():
-            assert links() == ["lo"]
+            assert links() == ["blocked0", "lo"]  # lo, and the recorder of blocked attempts
         """
     )
     result = jailed_pytester.runpytest_subprocess("-s")
     result.assert_outcomes(passed=2)
-    assert "LINKS ['lo']" not in result.stdout.str()
+    assert "LINKS ['blocked0', 'lo']" not in result.stdout.str()
     result = jailed_pytester.runpytest_subprocess("-s", "--jail-net=none")
-    result.stdout.fnmatch_lines(["*LINKS ?'lo'?*"])
+    result.stdout.fnmatch_lines(["*LINKS ?'blocked0', 'lo'?*"])
 
 
 def test_report_header(jailed_pytester: pytest.Pytester) -> None:

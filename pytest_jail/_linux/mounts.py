@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .blackhole import RESOLV_CONF
 from .syscalls import MNT_DETACH
 from .syscalls import MOUNT_ATTR_NODEV
 from .syscalls import MOUNT_ATTR_NOSUID
@@ -59,6 +60,7 @@ def plan_mounts(
     layer: str | None = None,
     scratch: Sequence[tuple[str, str]] = (),
     hidden: Sequence[str] = (),
+    resolv: str | None = None,
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -77,6 +79,8 @@ def plan_mounts(
     :param scratch: host-view directories replaced by an empty, writable tmpfs, with its mode
         (``("/run", "0755")``): where a host keeps live sockets.
     :param hidden: host-view paths replaced by something empty and read-only (``~/.ssh``).
+    :param resolv: the jail path of its resolv.conf, to cover with one naming the jail's recorder
+        of blocked attempts (``None``: leave it).
     :param closed: host directories the jail's user cannot search (root mode); one on the way to an
         exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
     """
@@ -115,7 +119,7 @@ def plan_mounts(
             tree.expose(exposure)
     _plan_proc(ops, exists, isdir)
     _plan_dev(ops, size)
-    _plan_sys(ops, exists)
+    _plan_sys(ops, exists, resolv)
     tree.tmpfs("/tmp", "mode=1777" + size)
     for exposure in in_fresh:
         tree.expose(exposure)
@@ -175,7 +179,7 @@ def _plan_proc(ops: list[Op], exists: Callable[[str], bool], isdir: Callable[[st
             ops += [("bind", f"{proc}/{name}", f"{proc}/{name}", True), ("readonly", f"{proc}/{name}", True)]
 
 
-def _plan_sys(ops: list[Op], exists: Callable[[str], bool]) -> None:
+def _plan_sys(ops: list[Op], exists: Callable[[str], bool], resolv: str | None) -> None:
     if exists("/sys/firmware"):  # ACPI tables, EFI variables: the machine's, not the test's
         ops.append(("mount", "tmpfs", NEW + "/sys/firmware", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
                     "mode=0555,size=0"))
@@ -183,8 +187,14 @@ def _plan_sys(ops: list[Op], exists: Callable[[str], bool]) -> None:
     # mount its own /proc (the kernel's "mnt_already_visible" check); the masks above cover this
     # one. This second proc is mounted, then buried under an empty read-only tmpfs: the kernel
     # still counts it, nothing in the jail can reach it.
+    ops.append(("mkdir", NEW + HIDDEN_PROC))
+    if resolv is not None:  # written in the directory about to be buried; the bind keeps the file
+        ops += [
+            ("write", NEW + HIDDEN_PROC + "/resolv.conf", RESOLV_CONF),
+            ("bind", NEW + HIDDEN_PROC + "/resolv.conf", NEW + resolv, False),
+            ("seal", NEW + resolv, False),
+        ]
     ops += [
-        ("mkdir", NEW + HIDDEN_PROC),
         ("mkdir", NEW + HIDDEN_PROC + "/proc"),
         ("mount", "proc", NEW + HIDDEN_PROC + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
         ("mount", "tmpfs", NEW + HIDDEN_PROC, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
@@ -432,3 +442,10 @@ class Executor:
 
     def symlink(self, target: str, path: str) -> None:
         os.symlink(target, path)
+
+    def write(self, path: str, text: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)

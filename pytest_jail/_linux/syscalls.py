@@ -67,7 +67,13 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
 IFF_UP = 0x1
+SIOCADDRT = 0x890B
+RTF_UP = 0x1
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
 
 # Syscall numbers glibc has no wrapper for (asm-generic numbers are shared by arm64 and riscv).
 _NUMBERS = {
@@ -82,6 +88,20 @@ class _MountAttr(ctypes.Structure):
         ("attr_clr", ctypes.c_uint64),
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class _SockaddrIn(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("port", ctypes.c_ushort), ("addr", ctypes.c_char * 4),
+                ("zero", ctypes.c_char * 8)]
+
+
+class _RtEntry(ctypes.Structure):  # struct rtentry, <net/route.h>
+    _fields_ = [
+        ("pad1", ctypes.c_ulong), ("dst", _SockaddrIn), ("gateway", _SockaddrIn), ("genmask", _SockaddrIn),
+        ("flags", ctypes.c_ushort), ("pad2", ctypes.c_short), ("pad3", ctypes.c_ulong), ("pad4", ctypes.c_void_p),
+        ("metric", ctypes.c_short), ("dev", ctypes.c_char_p), ("mtu", ctypes.c_ulong), ("window", ctypes.c_ulong),
+        ("irtt", ctypes.c_ushort),
     ]
 
 
@@ -200,6 +220,29 @@ class Syscalls:
             data[word + 1] |= 1 << (cap % 32)  # permitted
         ret = self._libc.syscall(ctypes.c_long(self._nr["capset"]), header, data)
         self._check(ret)
+
+    def open_tun(self, name: str, address: str) -> int:
+        """A TUN device ``name`` in this network namespace, up, holding ``address``, with the default
+        route: the way to everything not routed otherwise. Returns its non-blocking descriptor,
+        whose reads are the packets sent there."""
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                raw = struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
+                fcntl.ioctl(sock, SIOCSIFADDR, struct.pack("16s16s", name.encode(), raw))
+                self.link_up(name)
+                # The default route (a /0 prefix gets no route of its own), with the one ioctl
+                # that needs a C structure: struct rtentry holds a pointer to the device's name.
+                any_ = _SockaddrIn(socket.AF_INET, 0, bytes(4), bytes(8))
+                entry = _RtEntry(dst=any_, gateway=any_, genmask=any_, flags=RTF_UP, dev=name.encode())
+                if self._libc.ioctl(sock.fileno(), ctypes.c_ulong(SIOCADDRT), ctypes.byref(entry)) < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"route via {name}: {os.strerror(err)}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def link_up(self, name: str = "lo") -> None:
         """Bring one interface up with a single SIOCSIFFLAGS ioctl.
