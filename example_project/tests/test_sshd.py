@@ -2,9 +2,10 @@
 
 A Debian tree with openssh-server is built once with ``pytest-jail rootfs debootstrap`` (cached
 in ``~/.cache/pytest-jail/rootfs/bookworm-sshd``). The test itself runs on the host side
-(``nojail``): it starts sshd in a jail that shares the host's network (``net="host"``), logs in
-with ssh, and checks that the login's command ran inside the jail: it sees the jail's hostname
-and the jail's own pid namespace, whose pid 1 is the jail's init.
+(``nojail``): it starts sshd with ``jail.spawn`` in a jail that shares the host's network
+(``net="host"``, as the seed did) or sits on a bridge (``net="bridge"``, reached at its own
+address), logs in with ssh, and checks that the login's command ran inside the jail: it sees the
+jail's hostname and the jail's own pid namespace, whose pid 1 is the jail's init.
 
 It needs root (debootstrap), the network (Debian's package registry) and an ssh client; skip it
 on a laptop with ``-m "not sshd"``.
@@ -12,11 +13,8 @@ on a laptop with ``-m "not sshd"``.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -41,53 +39,28 @@ def debian():
     return TREE
 
 
-def port_open(port, timeout, server):
-    """Wait until something accepts on ``port``, unless the server's jail ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not server:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
-
-
-def test_ssh_login_lands_in_the_jail(jail, debian, tmp_path):
+@pytest.mark.parametrize("net", ["host", "bridge"])
+def test_ssh_login_lands_in_the_jail(jail, debian, tmp_path, net):
+    """sshd in a jail of the Debian tree, on the host's network (the seed's setup) or on a bridge
+    (reached at the jail's own address); an ssh login from the host runs inside the jail."""
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     os.chmod(key.with_suffix(".pub"), 0o644)
-    stop = tmp_path / "stop"
     serve = (
         f"mkdir -p /run/sshd /root/.ssh && install -m 600 {key}.pub /root/.ssh/authorized_keys && ssh-keygen -A && "
-        f"/usr/sbin/sshd -D -e -p {PORT} -o UsePAM=no -o PidFile=none & "
-        f"while [ ! -e {stop} ]; do sleep 0.1; done; kill $!"
+        f"exec /usr/sbin/sshd -D -e -p {PORT} -o UsePAM=no -o PidFile=none"
     )
-    server = {}
-
-    def run_server():
-        try:
-            server["result"] = jail.run(["sh", "-c", serve], rootfs=debian, net="host", hostname="sshd-jail",
-                                        timeout=120)
-        except BaseException as exc:  # shown by the asserts below
-            server["error"] = exc
-
-    thread = threading.Thread(target=run_server)
-    thread.start()
-    login = None
-    try:
-        if port_open(PORT, timeout=60, server=server):
-            login = subprocess.run(
-                ["ssh", "-i", str(key), "-p", str(PORT), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "root@127.0.0.1",
-                 "hostname; readlink /proc/self/ns/pid; readlink /proc/1/ns/pid; id -un"],
-                capture_output=True, text=True, timeout=60,
-            )
-    finally:
-        stop.touch()
-        thread.join(timeout=60)
-    assert login is not None and login.returncode == 0, (login, server.get("error") or server["result"].stderr)
+    with jail.spawn(["sh", "-c", serve], rootfs=debian, net=net, hostname="sshd-jail", timeout=120) as server:
+        server.wait_for_port(PORT, timeout=60)
+        login = subprocess.run(
+            ["ssh", "-i", str(key), "-p", str(PORT), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{server.ip or '127.0.0.1'}",
+             "hostname; readlink /proc/self/ns/pid; readlink /proc/1/ns/pid; id -un"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert login.returncode == 0, (login.stderr, server.stderr)
     hostname, own_ns, init_ns, user = login.stdout.split()
     assert hostname == "sshd-jail"
     assert own_ns == init_ns != os.readlink("/proc/self/ns/pid")  # the jail's pid 1, not the host's
     assert user == "root"
-    assert "Server listening on 0.0.0.0 port 23322" in server["result"].stderr
+    assert f"Server listening on 0.0.0.0 port {PORT}" in server.stderr
