@@ -192,6 +192,11 @@ def latency_worker(iterations: int, warmup: int) -> None:
     def jail_rootfs() -> int:
         return busybox.run(["true"]).returncode
 
+    bridged = Jail(JailSpec(net="bridge"))  # root only: a veth pair on a host bridge per jail
+
+    def jail_bridge() -> int:
+        return bridged.run(["true"]).returncode
+
     def sub() -> int:
         return subprocess.run(["true"], check=False).returncode
 
@@ -201,6 +206,8 @@ def latency_worker(iterations: int, warmup: int) -> None:
     methods: dict[str, Callable[[], int]] = {
         "subprocess": sub, "jail": jail, "jail-limits": jail_limits, "jail-rootfs": jail_rootfs,
     }
+    if os.geteuid() == 0:
+        methods["jail-bridge"] = jail_bridge
     if shutil.which("bwrap"):
         methods["bwrap"] = bwrap
     samples: dict[str, list[float]] = {name: [] for name in methods}
@@ -302,13 +309,14 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         "jail": '`Jail().run(["true"])`',
         "jail-limits": '`Jail(JailSpec(memory="256M", cpus=1, pids=64)).run(["true"])`',
         "jail-rootfs": '`Jail(JailSpec(rootfs="busybox")).run(["true"])` (overlay layer)',
+        "jail-bridge": '`Jail(JailSpec(net="bridge")).run(["true"])` (veth pair on a bridge)',
     }
     print("## Latency of one command (in-process, time.perf_counter)")
     print()
     print("| method | median (ms) | p10–p90 (ms) | vs subprocess, median (ms) |")
     print("|---|---:|---:|---:|")
     base = samples["subprocess"]
-    for name in ("subprocess", "bwrap", "jail", "jail-limits", "jail-rootfs"):
+    for name in ("subprocess", "bwrap", "jail", "jail-limits", "jail-rootfs", "jail-bridge"):
         if name not in samples:
             continue
         median, p10, p90 = spread(samples[name])

@@ -266,7 +266,7 @@ def clean_stale() -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Free, and not just created by a process about to lock it: its owner is dead.
-            if time.time() - os.fstat(fd).st_mtime > 10:
+            if time.time() - os.fstat(fd).st_mtime > 2:
                 stale.append(int(entry))
             else:
                 live.add(int(entry))

@@ -72,6 +72,7 @@ IFF_UP = 0x1
 SIOCADDRT = 0x890B
 RTF_UP = 0x1
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 
@@ -228,6 +229,10 @@ class Syscalls:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+            # Persistent: closing the descriptor (init's exit) would unregister the device on the
+            # spot, which waits for an RCU grace period (45 ms here); the kernel removes it with
+            # the network namespace instead, in the background.
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 raw = struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
                 fcntl.ioctl(sock, SIOCSIFADDR, struct.pack("16s16s", name.encode(), raw))
