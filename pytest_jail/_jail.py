@@ -239,7 +239,7 @@ class Jail:
             check_readable_by_jail(exposures)
         attachment = None
         if spec.segment is not None:
-            attachment = reserve_address(spec.segment, spec.hostname, root_map)
+            attachment = reserve_address(spec.segment, spec.hostname, root_map, spec.way_out)
             # The segment's hosts file, kept up to date as jails join: peers by hostname.
             exposures += (Exposure(attachment.segment.hosts_file, "/etc/hosts"),)
         layer = self.layer if rootfs is not None else None

@@ -11,6 +11,7 @@ from dataclasses import field
 from typing import Any
 
 from ._errors import JailConfigError
+from ._linux.firewall import parse_allow
 from .rootfs import NAMES
 
 NET_MODES = ("none", "host", "bridge")
@@ -91,6 +92,8 @@ class JailSpec:
     :param io: bytes per second read and written on the disks the jail writes to,
         ``{"read": "10M", "write": "10M"}``.
     :param workdir: the working directory inside (default: the caller's, where the jail shows it).
+    :param nat: a bridged jail may reach beyond its segment, through the host's NAT.
+    :param allow: ...but only these (``"203.0.113.7:443"``, ``"10.0.0.0/8"``); implies the NAT.
     """
 
     rootfs: str | None = None
@@ -105,6 +108,8 @@ class JailSpec:
     tmpfs: int | None = None
     io: Mapping[str, int] | None = None
     workdir: str | None = None
+    nat: bool = False
+    allow: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -112,6 +117,19 @@ class JailSpec:
             set_(self, "rootfs", _check_rootfs(self.rootfs))
         if self.workdir is not None:
             set_(self, "workdir", _convert("workdir", self.workdir, _jail_path))
+        if not isinstance(self.nat, bool):
+            raise JailConfigError(f"nat={self.nat!r} is not valid; allowed: True or False")
+        allow: object = self.allow
+        if isinstance(allow, str) or not isinstance(allow, (list, tuple)):
+            raise JailConfigError(
+                f"allow={allow!r} is not valid; allowed: a list like ['203.0.113.7:443', '10.0.0.0/8']"
+            )
+        set_(self, "allow", tuple(_convert("allow", a, _allow_entry) for a in self.allow))
+        if (self.nat or self.allow) and self.segment is None:
+            raise JailConfigError(
+                f"{'nat=True' if self.nat else f'allow={list(self.allow)!r}'} needs a way out: net='bridge' or "
+                f"'bridge:NAME' (got net={self.net!r})"
+            )
         if not isinstance(self.net, str) or not (self.net in NET_MODES or _SEGMENT.match(self.net)):
             raise JailConfigError(
                 f"net={self.net!r} is not a network mode; allowed: {', '.join(map(repr, NET_MODES))}, "
@@ -143,6 +161,13 @@ class JailSpec:
         if isinstance(self.binds, (str, Bind)):
             raise JailConfigError(f"binds={self.binds!r} is not valid; allowed: a list of 'SRC:DST[:ro|rw]'")
         set_(self, "binds", tuple(_convert("binds", b, _to_bind) for b in self.binds))
+
+    @property
+    def way_out(self) -> tuple[tuple[str, int | None], ...] | None:
+        """What a bridged jail may reach beyond its segment: ``None`` nothing, ``()`` everything."""
+        if self.allow:
+            return tuple(parse_allow(a) for a in self.allow)
+        return () if self.nat else None
 
     @property
     def segment(self) -> str | None:
@@ -218,6 +243,11 @@ def _to_bind(value: object) -> Bind:
     if not isinstance(value, str):
         raise ValueError("a 'SRC:DST[:ro|rw]' string")
     return Bind.parse(value)
+
+
+def _allow_entry(value: object) -> str:
+    network, port = parse_allow(str(value))
+    return network if port is None else f"{network}:{port}"
 
 
 def _jail_path(value: object) -> str:

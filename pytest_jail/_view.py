@@ -238,7 +238,9 @@ def _syscalls() -> Syscalls:
     return Syscalls()
 
 
-def reserve_address(segment: str, hostname: str, root_map: bool) -> Attachment:
+def reserve_address(
+    segment: str, hostname: str, root_map: bool, way_out: tuple[tuple[str, int | None], ...] | None = None
+) -> Attachment:
     """An address on a bridge segment; bridges need the host's root (their host side is in the
     host's network namespace)."""
     if not root_map:
@@ -247,7 +249,7 @@ def reserve_address(segment: str, hostname: str, root_map: bool) -> Attachment:
             "namespace); rootless jails have net='none' and net='host'",
             "run pytest as root for bridge networks, or use net='none' with a server and its client in one jail",
         )
-    return networks().reserve(segment, hostname)
+    return networks().reserve(segment, hostname, way_out)
 
 
 def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:

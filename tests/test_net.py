@@ -8,11 +8,13 @@ or a documentation address a bridged jail has no route to: no packet leaves this
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,13 +150,15 @@ def test_parallel_sessions_never_share_a_subnet_and_leave_nothing(jailed_pyteste
 
 
 @root_mode
-def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytest.Pytester) -> None:
-    """SIGKILL pytest while a bridged test runs: its bridge and veth stay (nobody could remove
-    them); the next pytest start removes them."""
+def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytest.Pytester, outside: str) -> None:
+    """SIGKILL pytest while a bridged jail with a way out runs: its bridge, veth, nftables table
+    and forwarding setting stay (nobody could remove them); the next pytest start removes them
+    and puts the host's forwarding setting back."""
+    uplink = next(n for n in os.listdir("/sys/class/net") if n.startswith("pjtest") and n.endswith("h"))
     jailed_pytester.makepyfile(
-        test_hang="""
+        test_hang=f"""
         def test_hang(jail):
-            p = jail.spawn(["sleep", "60"], net="bridge:x")
+            p = jail.spawn(["sleep", "60"], net="bridge:x", allow=["{outside}:8080"])
             print("SPAWNED", flush=True)
             import time; time.sleep(60)
         """,
@@ -171,11 +175,88 @@ def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytes
     proc.wait()
     left = _links() - before
     assert any(n.startswith("pjbr") for n in left), left  # the dead session's bridge
+    assert _tables() != []
+    assert open(f"/proc/sys/net/ipv4/conf/{uplink}/forwarding").read() == "1\n"
     time.sleep(2.5)  # a free lease counts as stale once it is 2 s old (not one being taken right now)
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_nothing.py"],
                           cwd=jailed_pytester.path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     assert _links() - before == set()
+    assert _tables() == []
+    assert open(f"/proc/sys/net/ipv4/conf/{uplink}/forwarding").read() == "0\n"
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[str]:
+    """A stand-in for the world beyond the host, on this machine: a network namespace behind a
+    veth (host side 203.0.113.1/24, its side 203.0.113.2) with a TCP echo of the peer's address
+    on ports 8080 and 9090. Returns its address; removed after the test."""
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        pytest.skip("needs iproute2 and nftables: apt-get install iproute2 nftables")
+    name = f"pjtest{os.getpid() % 100000}"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", name)
+    server = None
+    try:
+        run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", "eth0", "netns", name)
+        run("ip", "addr", "add", "203.0.113.1/24", "dev", f"{name}h")
+        run("ip", "link", "set", f"{name}h", "up")
+        for args in (["addr", "add", "203.0.113.2/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                     ["link", "set", "lo", "up"]):
+            run("ip", "netns", "exec", name, "ip", *args)
+        echo = ("import socket, threading\n"
+                "def serve(port):\n"
+                "    s = socket.create_server(('0.0.0.0', port))\n"
+                "    while True:\n"
+                "        c, peer = s.accept(); c.sendall(peer[0].encode() + b'\\n'); c.close()\n"
+                "for p in (8080, 9090): threading.Thread(target=serve, args=(p,)).start()\n"
+                "print('ready', flush=True)\n")
+        server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", echo],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        yield "203.0.113.2"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _tables() -> list[str]:
+    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.split()
+    return [t for t in listed if t.startswith("pytest_jail")]
+
+
+@root_mode
+def test_allow_lets_exactly_that_through_with_nat(outside: str) -> None:
+    """allow=['203.0.113.2:8080']: that port answers, and sees the host's address (NAT); another
+    port of that host is refused by the kernel's filter at once; another host is recorded as
+    blocked. With nat=True everything answers. Forwarding and rules are given back after."""
+    forwarding_before = open("/proc/sys/net/ipv4/conf/all/forwarding").read()
+    script = (
+        f"busybox nc -w 3 {outside} 8080 </dev/null; echo rc=$?; "
+        f"busybox nc -w 3 {outside} 9090 </dev/null; echo rc=$?; "
+        "busybox nc -w 3 203.0.113.77 80 </dev/null; echo rc=$?"
+    )
+    started = time.monotonic()
+    allowed = Jail().run(["sh", "-c", script], net="bridge:out", allow=[f"{outside}:8080"])
+    assert time.monotonic() - started < 5, allowed
+    assert allowed.stdout.split() == ["203.0.113.1", "rc=0", "rc=1", "rc=1"], (allowed.stdout, allowed.stderr)
+    assert allowed.blocked == ["tcp 203.0.113.77:80"]
+    everything = Jail().run(["sh", "-c", f"busybox nc -w 3 {outside} 9090 </dev/null"], net="bridge:out", nat=True)
+    assert everything.stdout == "203.0.113.1\n", everything.stderr
+    assert open("/proc/sys/net/ipv4/conf/all/forwarding").read() == forwarding_before
+
+
+def test_nat_and_allow_need_a_bridge() -> None:
+    """nat and allow without a bridge, or a malformed allow entry: one line each."""
+    with pytest.raises(JailConfigError, match=r"nat=True needs a way out: net='bridge' or 'bridge:NAME' \(got net='none'\)"):
+        JailSpec(nat=True)
+    with pytest.raises(JailConfigError, match="allow='10.0.0.1' is not valid; allowed: a list"):
+        JailSpec(net="bridge", allow="10.0.0.1")
+    with pytest.raises(JailConfigError, match="'example.com:443': an IPv4 address or network"):
+        JailSpec(net="bridge", allow=["example.com:443"])
+    assert JailSpec(net="bridge", allow=["10.1.2.3:5432", "10.0.0.0/8"]).allow == ("10.1.2.3/32:5432", "10.0.0.0/8")
 
 
 def test_blocked_attempts_of_a_c_program_are_recorded() -> None:

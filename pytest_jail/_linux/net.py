@@ -29,6 +29,8 @@ from dataclasses import field
 from typing import Any
 
 from .._errors import JailSetupError
+from . import firewall
+from .firewall import Rule
 from .syscalls import CLONE_NEWNET
 from .syscalls import Syscalls
 
@@ -58,6 +60,7 @@ class Segment:
     lease: int  # the locked lease file's descriptor
     bridge: int = 0  # ifindex
     hosts: dict[int, str] = field(default_factory=dict)  # host octet -> hostname
+    ways_out: dict[str, tuple[Rule, ...] | None] = field(default_factory=dict)  # jail ip -> allowed (None: all)
 
     @property
     def gateway(self) -> str:
@@ -74,6 +77,7 @@ class Attachment:
 
     segment: Segment
     host: int
+    way_out: tuple[Rule, ...] | None = None  # None: none; (): everything (nat=True); else these
 
     @property
     def ip(self) -> str:
@@ -91,8 +95,10 @@ class Networks:
         self._segments: dict[str, Segment] = {}
         self._lock = threading.Lock()
         self._ipr: Any = None
+        self._forwarding = firewall.Forwarding()
+        self._with_tables: set[int] = set()
 
-    def reserve(self, segment: str, hostname: str) -> Attachment:
+    def reserve(self, segment: str, hostname: str, way_out: tuple[Rule, ...] | None = None) -> Attachment:
         """An address on ``segment`` (made on first use), listed under ``hostname`` in its hosts file."""
         with self._lock:
             seg = self._segments.get(segment) or self._make(segment)
@@ -101,7 +107,7 @@ class Networks:
                 raise JailSetupError("network", errno.ENOSPC, f"segment {segment!r} has 253 jails already")
             seg.hosts[free[0]] = hostname
             self._write_hosts(seg)
-            return Attachment(seg, free[0])
+            return Attachment(seg, free[0], way_out)
 
     def connect(self, attachment: Attachment, netns: str) -> None:
         """Plug the jail whose network namespace is ``netns`` into its segment, and configure it."""
@@ -124,6 +130,18 @@ class Networks:
             (eth0,) = inside.link_lookup(ifname="eth0")
             inside.addr("add", index=eth0, address=attachment.ip, prefixlen=24)
             inside.link("set", index=eth0, state="up")
+            way_out = attachment.way_out
+            if way_out == ():  # nat=True: everything through the host (the recorder's route goes)
+                inside.route("replace", dst="0.0.0.0/0", gateway=seg.gateway, oif=eth0)
+            for network, _ in way_out or ():
+                inside.route("replace", dst=network, gateway=seg.gateway, oif=eth0)
+        if way_out is not None:
+            with self._lock, _step("nat"):
+                seg.ways_out[attachment.ip] = None if way_out == () else way_out
+                self._forwarding.need([bridge_name(seg.index), *self._uplinks(way_out)])
+                firewall.apply(firewall.ruleset(seg.index, bridge_name(seg.index), f"{prefix(seg.index)}.0/24",
+                                                seg.ways_out))
+                self._with_tables.add(seg.index)
 
     def release(self, attachment: Attachment) -> None:
         """The jail is gone: remove its veth (if the kernel has not) and free its address."""
@@ -133,19 +151,39 @@ class Networks:
             seg.hosts.pop(attachment.host, None)
             if seg.index >= 0 and self._segments.get(seg.name) is seg:
                 self._write_hosts(seg)
+                if seg.ways_out.pop(attachment.ip, 0) != 0:
+                    with contextlib.suppress(JailSetupError):
+                        firewall.apply(firewall.ruleset(seg.index, bridge_name(seg.index),
+                                                        f"{prefix(seg.index)}.0/24", seg.ways_out))
 
     def close(self) -> None:
         """Remove every bridge of this process and give back its leases."""
         with self._lock:
             for seg in self._segments.values():
+                if seg.index in self._with_tables:
+                    firewall.delete(seg.index)
                 _remove_segment(self._iproute(), seg.index)
                 _close_quietly(seg.lease)
             self._segments.clear()
+            self._with_tables.clear()
+            self._forwarding.close()
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
 
     # -- inside -------------------------------------------------------------------------------
+
+    def _uplinks(self, way_out: tuple[Rule, ...]) -> list[str]:
+        """The host's devices towards what the jail may reach: replies come in there."""
+        ipr = self._iproute()
+        targets = [network.split("/")[0] for network, _ in way_out] or ["198.51.100.1"]  # any: the default
+        devices = []
+        for target in targets:
+            for route in ipr.route("get", dst=target):
+                oif = route.get_attr("RTA_OIF")
+                for link in ipr.get_links(oif):
+                    devices.append(link.get_attr("IFLA_IFNAME"))
+        return sorted(set(devices))
 
     def _iproute(self) -> Any:
         if self._ipr is None:
@@ -274,6 +312,10 @@ def clean_stale() -> None:
             live.add(int(entry))
         finally:
             os.close(fd)  # our lock, if we got one, goes with it
+    firewall.clean_stale()
+    for index in firewall.tables():
+        if index not in live:
+            firewall.delete(index)
     if not stale and not _orphan_links(live):
         return
     from pyroute2 import IPRoute
