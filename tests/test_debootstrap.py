@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import needs_jail
@@ -17,11 +18,11 @@ from conftest import tree_digest
 from pytest_jail import Jail
 from pytest_jail import JailSpec
 from pytest_jail.rootfs import cache_dir
+from pytest_jail.rootfs import debootstrap
 from pytest_jail.rootfs._build import read_stamp
 
-pytestmark = [
-    needs_jail,
-    pytest.mark.debootstrap,
+pytestmark = [needs_jail, pytest.mark.debootstrap]
+needs_debootstrap = [
     pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root"),
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="needs debootstrap: apt-get install debootstrap"),
 ]
@@ -40,6 +41,8 @@ def debian() -> str:
     return TREE
 
 
+@needs_debootstrap[0]
+@needs_debootstrap[1]
 def test_debian_tree_runs_and_is_left_unchanged(debian: str) -> None:
     """A jail in the Debian tree runs dpkg and apt as its root, removes half the system, and the
     tree is byte-for-byte the same afterwards."""
@@ -60,6 +63,8 @@ def test_debian_tree_runs_and_is_left_unchanged(debian: str) -> None:
     assert tree_digest(os.path.join(debian, "usr", "sbin")) == usr
 
 
+@needs_debootstrap[0]
+@needs_debootstrap[1]
 def test_rebuilding_the_same_recipe_does_nothing(debian: str) -> None:
     """The builder is idempotent: the same recipe again says 'up to date' and changes nothing."""
     stamp = os.stat(os.path.join(debian, ".pytest-jail-rootfs")).st_mtime_ns
@@ -67,3 +72,26 @@ def test_rebuilding_the_same_recipe_does_nothing(debian: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr.strip() == f"up to date: {debian}"
     assert os.stat(os.path.join(debian, ".pytest-jail-rootfs")).st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the debootstrap builder needs root")
+def test_a_failed_download_is_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry hiccup ("Couldn't download packages") is tried again, with a fresh tree, and says
+    so. (A stand-in debootstrap on PATH: no network needed.)"""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "debootstrap"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo x >> {calls}\n"
+        f"if [ $(wc -l < {calls}) -lt 2 ]; then echo \"E: Couldn't download packages: libudev1\"; exit 1; fi\n"
+        'mkdir -p "$3/etc" && echo 12.0 > "$3/etc/debian_version"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    said: list[str] = []
+    assert debootstrap.build(str(tmp_path / "tree"), progress=said.append) is True
+    assert calls.read_text().count("x") == 2
+    assert any("trying again (2/3)" in line for line in said)
+    assert (tmp_path / "tree" / "etc" / "debian_version").read_text() == "12.0\n"
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []

@@ -17,6 +17,7 @@ from ._build import quiet
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
+ATTEMPTS = 3  # a download that fails is tried again: registries and networks hiccup
 
 
 def build(
@@ -42,23 +43,41 @@ def build(
     command = shutil.which("debootstrap")
     if command is None:
         raise JailUnavailableError("debootstrap is not installed", "apt-get install debootstrap")
-    with building(target, wanted) as tree:
-        argv = [command, "--variant=minbase"]
-        if packages:
-            argv.append("--include=" + ",".join(packages))
-        argv += [suite, tree, mirror]
-        log: list[str] = []
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace") as process:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.append(line.rstrip())
-                progress(f"debootstrap: {line.strip()}")
-        if process.returncode != 0:
-            tail = "; ".join(log[-3:]) or "no output"
-            raise JailSetupError(
-                "debootstrap", None, f"exited with status {process.returncode} ({tail})", os.path.abspath(target)
-            )
-        for deb in glob.glob(os.path.join(tree, "var/cache/apt/archives/*.deb")):
-            os.unlink(deb)  # downloaded packages, already installed: only size
-    return True
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with building(target, wanted) as tree:
+                _debootstrap(command, packages, suite, tree, mirror, progress, os.path.abspath(target))
+            return True
+        except _Download as exc:
+            if attempt == ATTEMPTS:
+                raise JailSetupError("debootstrap", None, f"{exc} (after {ATTEMPTS} attempts)",
+                                     os.path.abspath(target)) from None
+            progress(f"debootstrap: {exc}; trying again ({attempt + 1}/{ATTEMPTS})")
+    return True  # pragma: no cover - the loop returns or raises
+
+
+class _Download(Exception):
+    """A package could not be downloaded: the registry or the network hiccupped."""
+
+
+def _debootstrap(
+    command: str, packages: list[str], suite: str, tree: str, mirror: str, progress: Progress, target: str
+) -> None:
+    argv = [command, "--variant=minbase"]
+    if packages:
+        argv.append("--include=" + ",".join(packages))
+    argv += [suite, tree, mirror]
+    log: list[str] = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.append(line.rstrip())
+            progress(f"debootstrap: {line.strip()}")
+    if process.returncode != 0:
+        tail = "; ".join(log[-3:]) or "no output"
+        if any("Couldn't download" in line or "Failed getting release file" in line for line in log[-5:]):
+            raise _Download(f"exited with status {process.returncode} ({tail})")
+        raise JailSetupError("debootstrap", None, f"exited with status {process.returncode} ({tail})", target)
+    for deb in glob.glob(os.path.join(tree, "var/cache/apt/archives/*.deb")):
+        os.unlink(deb)  # downloaded packages, already installed: only size
