@@ -57,11 +57,10 @@ def test_jails_on_a_segment_talk_and_other_segments_cannot(site: Path) -> None:
         assert server.ip is not None and server.ip.startswith("198.1")
         client = jail.run(["busybox", "wget", "-q", "-O", "-", "http://server:8000/"], net="bridge:x", hostname="client")
         assert client.stdout == "hello from the jail\n", client.stderr
-        started = time.monotonic()
         other = jail.run(["busybox", "nc", "-w", "5", server.ip, "8000"], net="bridge:y", input="GET / HTTP/1.0\r\n\r\n")
         assert other.returncode != 0 and other.stdout == ""
         assert "unreachable" in other.stderr.lower(), other.stderr
-        assert time.monotonic() - started < 3  # refused by routing, not a timeout
+        assert "timed out" not in other.stderr  # refused by routing, not left to time out
     assert server.wait().returncode == -signal.SIGTERM
 
 
@@ -238,10 +237,11 @@ def test_allow_lets_exactly_that_through_with_nat(outside: str) -> None:
         f"busybox nc -w 3 {outside} 9090 </dev/null; echo rc=$?; "
         "busybox nc -w 3 203.0.113.77 80 </dev/null; echo rc=$?"
     )
-    started = time.monotonic()
     allowed = Jail().run(["sh", "-c", script], net="bridge:out", allow=[f"{outside}:8080"])
-    assert time.monotonic() - started < 5, allowed
     assert allowed.stdout.split() == ["203.0.113.1", "rc=0", "rc=1", "rc=1"], (allowed.stdout, allowed.stderr)
+    # Refused at once, not left to time out: the filter's "prohibited", the recorder's "unreachable".
+    assert "No route to host" in allowed.stderr and "Network is unreachable" in allowed.stderr, allowed.stderr
+    assert "timed out" not in allowed.stderr
     assert allowed.blocked == ["tcp 203.0.113.77:80"]
     everything = Jail().run(["sh", "-c", f"busybox nc -w 3 {outside} 9090 </dev/null"], net="bridge:out", nat=True)
     assert everything.stdout == "203.0.113.1\n", everything.stderr
@@ -268,9 +268,8 @@ def test_blocked_attempts_of_a_c_program_are_recorded() -> None:
         "python3 -c \"import socket; socket.getaddrinfo('example.com', 443)\" 2>&1 | tail -1; "
         "busybox nc -u -w 1 192.0.2.77 5000 </dev/null"
     )
-    started = time.monotonic()
     result = Jail().run(["sh", "-c", script])
-    assert time.monotonic() - started < 4, result  # no connect hung until its timeout
+    assert "timed out" not in result.stderr  # no connect hung until its timeout
     assert "Network is unreachable" in result.stderr, result.stderr
     assert result.blocked is not None
     assert result.blocked[:2] == ["tcp 93.184.216.34:443", "dns example.com"], result.blocked
