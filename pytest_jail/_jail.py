@@ -242,8 +242,26 @@ class Jail:
             attachment = reserve_address(spec.segment, spec.hostname, root_map, spec.way_out)
             # The segment's hosts file, kept up to date as jails join: peers by hostname.
             exposures += (Exposure(attachment.segment.hosts_file, "/etc/hosts"),)
+        try:
+            return self._fork(spec, rootfs, exposures, root_map, attachment, cwd, payload)
+        except BaseException:
+            if attachment is not None:
+                networks().release(attachment)  # (a no-op when the run already released it)
+            raise
+
+    def _fork(
+        self,
+        spec: JailSpec,
+        rootfs: str | None,
+        exposures: tuple[Exposure, ...],
+        root_map: bool,
+        attachment: Attachment | None,
+        cwd: str | None,
+        payload: dict[str, Any],
+    ) -> _Run:
         layer = self.layer if rootfs is not None else None
-        record = spec.net != "host"  # what it tries to reach outside is recorded and refused
+        # What it tries to reach outside is recorded and refused, unless it may reach everything.
+        record = spec.net != "host" and spec.way_out != ()
         plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds), record)
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)

@@ -50,6 +50,8 @@ class JailProcess:
     @property
     def pid(self) -> int | None:
         """The host's pid of the command (pid 2 in its jail), while it runs."""
+        if self._result is not None or self._error is not None:
+            return None  # its pid may be someone else's by now
         init = self._command.run.init_pid
         try:
             with open(f"/proc/{init}/task/{init}/children") as f:
@@ -139,3 +141,5 @@ class JailProcess:
                 self._result = self._command.result()
         except BaseException as exc:  # handed to wait()
             self._error = exc
+            with self._lock:
+                self._command.jail._abandon(self._command.run)  # never a jail left running

@@ -172,7 +172,7 @@ class JailSpec:
     @property
     def segment(self) -> str | None:
         """The bridge segment this jail joins (``"bridge"`` is a segment too), or ``None``."""
-        return self.net if self.net.startswith("bridge") else None
+        return self.net if isinstance(self.net, str) and self.net.startswith("bridge") else None
 
     @property
     def limits(self) -> dict[str, Any]:

@@ -106,17 +106,47 @@ def plan_for(
         resolv = _resolv_conf("/") if record and "/etc/resolv.conf" not in binds else None
         return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden, resolv)
     resolv = _resolv_conf(rootfs) if record and "/etc/resolv.conf" not in binds else None
+    # Mount points are made while the host is still in view: a symlink in the rootfs must not
+    # lead them there, so each target is first resolved as the jail will see it.
+    exposures = tuple(Exposure(e.source, resolve_in_root(rootfs, e.target), e.writable) for e in exposures)
     return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv)
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """``path`` as a process whose root is ``root`` reaches it: symlinks in it are followed inside
+    ``root`` (an absolute one from ``root``, ``..`` never above it). Missing parts stay as given."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if os.path.islink(candidate) and hops < 40:
+            hops += 1
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                resolved = []
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
 
 
 def _resolv_conf(root: str) -> str | None:
     """Where the jail finds its resolv.conf, resolved as the jail will see it (``/etc/resolv.conf``
     may link into ``/run``), or ``None`` when there is none to cover."""
-    path = os.path.join(root, "etc/resolv.conf")
     if root == "/":
-        real = os.path.realpath(path)
+        real = os.path.realpath("/etc/resolv.conf")
         return real if os.path.isfile(real) else None
-    return "/etc/resolv.conf" if os.path.isfile(path) and not os.path.islink(path) else None
+    inside = resolve_in_root(root, "/etc/resolv.conf")
+    path = root.rstrip("/") + inside
+    return inside if os.path.isfile(path) and not os.path.islink(path) else None
 
 
 @lru_cache(maxsize=64)
@@ -202,6 +232,8 @@ def idmapped_tree(rootfs: str, userns: str) -> int | None:
     rootfs's filesystem cannot be id-mapped (Linux 5.12; tmpfs 6.3; not NFS): then it is bound as
     it is, and files owned by the host's root are read-only to the jail's root.
     """
+    if rootfs in NOT_IDMAPPED:  # it failed once; the filesystem will not change its mind
+        return None
     tree = _syscalls().clone_tree(rootfs)
     try:
         ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)

@@ -144,6 +144,7 @@ HOSTILE = {
     "symlink-out": ([("usr", "dir", None), ("usr/up", "symlink", "../../../etc/shadow")],
                     "symlink 'usr/up' -> '../../../etc/shadow' points out of the tree"),
     "hardlink-out": ([("x", "hardlink", "../../etc/shadow")], "hard link 'x' -> '../../etc/shadow' climbs out"),
+    "whiteout-up": ([(".wh..", "file", "")], "whiteout '.wh..' names no entry"),
 }
 
 
@@ -153,6 +154,8 @@ def test_hostile_archives_are_refused(tmp_path: Path, case: str) -> None:
     written outside, and no half-built tree stays."""
     entries, message = HOSTILE[case]
     outside = tmp_path / "escaped"
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "neighbour").write_text("must survive")
     archive = _docker_save(tmp_path / "image.tar", [_layer(entries)])
     with pytest.raises(JailConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         image.build(str(archive), str(tmp_path / "deep" / "tree"))
@@ -160,6 +163,7 @@ def test_hostile_archives_are_refused(tmp_path: Path, case: str) -> None:
     assert not outside.exists()
     assert not (tmp_path / "deep" / "tree").exists()
     assert [p for p in os.listdir(tmp_path / "deep") if p.startswith(".tree.")] == []
+    assert (tmp_path / "deep" / "neighbour").read_text() == "must survive"
 
 
 def test_device_nodes_are_never_made(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ host view's hygiene, binds and the working directory. Real namespaces and mounts
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -297,3 +298,25 @@ def test_nojail_opts_a_test_out_of_jail_all(jailed_pytester: pytest.Pytester) ->
     result = jailed_pytester.runpytest_subprocess("--jail-all")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*JailConfigError: test_opt.py::test_both has both the jail and the nojail marker; keep one"])
+
+
+@needs_busybox
+def test_rootfs_symlinks_never_lead_mount_points_to_the_host(built: str, tmp_path: Path) -> None:
+    """A rootfs whose /home links to a host path (absolute, or climbing with '..'): a bind into
+    /home lands inside the jail's own tree, and nothing is created on the host."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    tree = tmp_path / "tree"
+    shutil.copytree(built, tree, symlinks=True)
+    os.chmod(tmp_path, 0o755)
+    os.rmdir(tree / "home") if (tree / "home").is_dir() and not os.listdir(tree / "home") else shutil.rmtree(tree / "home")
+    os.symlink(f"/oldroot{victim}", tree / "home")
+    os.symlink(f"../../../../../../../../../oldroot{victim}", tree / "up")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("bound")
+    os.chmod(data, 0o755)
+    result = Jail(JailSpec(rootfs=str(tree), binds=[f"{data}:/home/me/data", f"{data}:/up/data2"])).run(
+        ["sh", "-c", "cat /home/me/data/f /up/data2/f"])
+    assert result.stdout == "boundbound", result.stderr
+    assert os.listdir(victim) == []

@@ -74,14 +74,14 @@ def apply(text: str) -> None:
 
 
 def delete(index: int) -> None:
-    nft = shutil.which("nft")
+    nft = _find_nft()
     if nft is not None:
         subprocess.run([nft, "delete", "table", "inet", table(index)], capture_output=True)
 
 
 def tables() -> list[int]:
     """The segments that have a table now (a dead process's ones included)."""
-    nft = shutil.which("nft")
+    nft = _find_nft()
     if nft is None:
         return []
     listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout.split()
@@ -89,8 +89,12 @@ def tables() -> list[int]:
             if name.startswith("pytest_jail_") and name[len("pytest_jail_"):].isdigit()]
 
 
+def _find_nft() -> str | None:
+    return shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
+
+
 def _nft() -> str:
-    nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
+    nft = _find_nft()
     if nft is None:
         raise JailUnavailableError(
             "nat=True and allow=[...] are written with the nft tool, which is not installed",

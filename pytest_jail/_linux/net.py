@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from .._errors import JailError
 from .._errors import JailSetupError
 from . import firewall
 from .firewall import Rule
@@ -35,7 +36,7 @@ from .syscalls import CLONE_NEWNET
 from .syscalls import Syscalls
 
 LEASES = "/run/pytest-jail/net"
-SEGMENTS = 512
+SEGMENTS = 511  # the last /24, 198.19.255.0, holds the recorder's addresses (blackhole.py)
 
 
 def prefix(index: int) -> str:
@@ -78,6 +79,7 @@ class Attachment:
     segment: Segment
     host: int
     way_out: tuple[Rule, ...] | None = None  # None: none; (): everything (nat=True); else these
+    released: bool = False
 
     @property
     def ip(self) -> str:
@@ -121,7 +123,11 @@ class Networks:
                     from pyroute2 import IPRoute
 
                     inside = IPRoute()
-                    _sysctl("ipv6/conf/eth0/disable_ipv6", "1")  # no router solicitations on the segment
+                    try:
+                        _sysctl("ipv6/conf/eth0/disable_ipv6", "1")  # no router solicitations on the segment
+                    except BaseException:
+                        inside.close()
+                        raise
             finally:
                 os.close(fd)
             (veth,) = ipr.link_lookup(ifname=attachment.veth)
@@ -138,23 +144,29 @@ class Networks:
         if way_out is not None:
             with self._lock, _step("nat"):
                 seg.ways_out[attachment.ip] = None if way_out == () else way_out
+                self._apply_rules(seg)  # before forwarding is on: never a moment without the filter
                 self._forwarding.need([bridge_name(seg.index), *self._uplinks(way_out)])
-                firewall.apply(firewall.ruleset(seg.index, bridge_name(seg.index), f"{prefix(seg.index)}.0/24",
-                                                seg.ways_out))
-                self._with_tables.add(seg.index)
 
     def release(self, attachment: Attachment) -> None:
-        """The jail is gone: remove its veth (if the kernel has not) and free its address."""
+        """The jail is gone: remove its veth (if the kernel has not) and free its address. Once."""
         with self._lock:
-            _delete_links(self._iproute(), [attachment.veth])
+            if attachment.released:
+                return
+            attachment.released = True
+            # A socket of its own: pyroute2 keeps one per thread, and jail.spawn's jails end on
+            # their collector threads; a socket left on each would leak.
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                _delete_links(ipr, [attachment.veth])
             seg = attachment.segment
             seg.hosts.pop(attachment.host, None)
-            if seg.index >= 0 and self._segments.get(seg.name) is seg:
+            if self._segments.get(seg.name) is seg:
                 self._write_hosts(seg)
-                if seg.ways_out.pop(attachment.ip, 0) != 0:
-                    with contextlib.suppress(JailSetupError):
-                        firewall.apply(firewall.ruleset(seg.index, bridge_name(seg.index),
-                                                        f"{prefix(seg.index)}.0/24", seg.ways_out))
+                if attachment.ip in seg.ways_out:
+                    del seg.ways_out[attachment.ip]
+                    with contextlib.suppress(JailError):
+                        self._apply_rules(seg)
 
     def close(self) -> None:
         """Remove every bridge of this process and give back its leases."""
@@ -172,6 +184,11 @@ class Networks:
                 self._ipr = None
 
     # -- inside -------------------------------------------------------------------------------
+
+    def _apply_rules(self, seg: Segment) -> None:
+        index = seg.index
+        firewall.apply(firewall.ruleset(index, bridge_name(index), f"{prefix(index)}.0/24", seg.ways_out))
+        self._with_tables.add(index)
 
     def _uplinks(self, way_out: tuple[Rule, ...]) -> list[str]:
         """The host's devices towards what the jail may reach: replies come in there."""
@@ -195,6 +212,17 @@ class Networks:
     def _make(self, name: str) -> Segment:
         index, lease = _lease()
         seg = Segment(name, index, lease)
+        try:
+            self._make_bridge(seg)
+        except BaseException:
+            _remove_segment(self._iproute(), index)
+            _close_quietly(lease)
+            raise
+        self._segments[name] = seg
+        return seg
+
+    def _make_bridge(self, seg: Segment) -> None:
+        index = seg.index
         ipr = self._iproute()
         with _step(f"bridge {bridge_name(index)}"):
             _remove_segment(ipr, index, lease_file=False)  # a dead owner's leftovers
@@ -204,8 +232,6 @@ class Networks:
             _sysctl(f"ipv6/conf/{bridge_name(index)}/disable_ipv6", "1")
             ipr.addr("add", index=seg.bridge, address=seg.gateway, prefixlen=24)
             ipr.link("set", index=seg.bridge, state="up")
-        self._segments[name] = seg
-        return seg
 
     def _write_hosts(self, seg: Segment) -> None:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{seg.gateway}\tgateway"]
@@ -214,8 +240,8 @@ class Networks:
         fd = os.open(seg.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             data = ("\n".join(lines) + "\n").encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            os.pwrite(fd, data, 0)  # then cut: a reader never sees an empty file
+            os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
 
@@ -224,7 +250,7 @@ class Networks:
 def _step(what: str) -> Iterator[None]:
     try:
         yield
-    except JailSetupError:
+    except JailError:  # ours already say what and where (nft missing: the remedy too)
         raise
     except Exception as exc:  # pyroute2's NetlinkError is an OSError with the netlink errno
         code = getattr(exc, "code", None) or getattr(exc, "errno", None)
@@ -287,43 +313,57 @@ def _delete_links(ipr: Any, names: list[str]) -> None:
 
 
 def clean_stale() -> None:
-    """Remove the segments of dead processes: leases nobody holds, and links without a lease."""
+    """Remove the segments of dead processes: leases nobody holds, and links without a lease.
+
+    A stale lease stays locked by us until its links, table and files are gone, so no process
+    can take that segment while its remains are being removed.
+    """
     try:
         entries = os.listdir(LEASES)
     except FileNotFoundError:
         entries = []
     live: set[int] = set()
-    stale: list[int] = []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            fd = os.open(os.path.join(LEASES, entry), os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    stale: dict[int, int] = {}  # index -> our descriptor, locked
+    try:
+        for entry in entries:
+            if not entry.isdigit():
+                continue
+            try:
+                fd = os.open(os.path.join(LEASES, entry), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.add(int(entry))
+                os.close(fd)
+                continue
             # Free, and not just created by a process about to lock it: its owner is dead.
-            if time.time() - os.fstat(fd).st_mtime > 2:
-                stale.append(int(entry))
+            if time.time() - os.fstat(fd).st_mtime > 2 and os.fstat(fd).st_nlink:
+                stale[int(entry)] = fd
             else:
                 live.add(int(entry))
-        except BlockingIOError:
-            live.add(int(entry))
-        finally:
-            os.close(fd)  # our lock, if we got one, goes with it
-    firewall.clean_stale()
-    for index in firewall.tables():
-        if index not in live:
-            firewall.delete(index)
-    if not stale and not _orphan_links(live):
-        return
-    from pyroute2 import IPRoute
+                os.close(fd)
+        firewall.clean_stale()
+        for index in firewall.tables():
+            if index not in live:
+                firewall.delete(index)
+        orphans = [n for n in _orphan_links(live | set(stale)) if not os.path.exists(os.path.join(LEASES, _index(n)))]
+        if not stale and not orphans:
+            return
+        from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
-        for index in stale:
-            _remove_segment(ipr, index)
-        _delete_links(ipr, _orphan_links(live))
+        with IPRoute() as ipr:
+            for index in stale:
+                _remove_segment(ipr, index)  # unlinks the lease while we hold it
+            _delete_links(ipr, orphans)
+    finally:
+        for fd in stale.values():
+            os.close(fd)
+
+
+def _index(link: str) -> str:
+    return link.removeprefix("pjbr").removeprefix("pjv").split("x")[0]
 
 
 def _orphan_links(live: set[int]) -> list[str]:

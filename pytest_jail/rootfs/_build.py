@@ -70,11 +70,13 @@ def is_current(target: str, recipe: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def building(target: str, recipe: dict[str, Any]) -> Iterator[str]:
+def building(target: str, recipe: dict[str, Any], mode: int = 0o755) -> Iterator[str]:
     """Yield an empty directory beside ``target`` to build in; on success it replaces ``target``.
 
     ``target`` must be absent, empty, or a tree pytest-jail built (it has the stamp). On any error
-    the half-built tree is removed.
+    the half-built tree is removed. ``mode`` is the tree's own: 0700 for a tree root builds from
+    packages or images, whose set-uid programs no user of the host should reach (jails reach it
+    through descriptors the parent opens as root).
     """
     target = os.path.abspath(target)
     _check_replaceable(target)
@@ -82,7 +84,7 @@ def building(target: str, recipe: dict[str, Any]) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
     try:
-        os.chmod(partial, 0o755)
+        os.chmod(partial, mode)
         yield partial
         with open(os.path.join(partial, STAMP), "w") as f:
             json.dump(recipe, f, indent=1, sort_keys=True)

@@ -45,7 +45,7 @@ def build(
         raise JailUnavailableError("debootstrap is not installed", "apt-get install debootstrap")
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            with building(target, wanted) as tree:
+            with building(target, wanted, mode=0o700) as tree:
                 _debootstrap(command, packages, suite, tree, mirror, progress, os.path.abspath(target))
             return True
         except _Download as exc:

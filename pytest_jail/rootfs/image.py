@@ -54,7 +54,7 @@ def build(tarball: str, target: str, *, progress: Progress = quiet) -> bool:
     wanted = {"kind": "image", "sha256": _digest(tarball), "format": 1}
     if is_current(target, wanted):
         return False
-    with building(target, wanted) as tree, _open(tarball) as outer:
+    with building(target, wanted, mode=0o700 if os.geteuid() == 0 else 0o755) as tree, _open(tarball) as outer:
         layers = _layers(tarball, outer)
         writer = _Writer(tree, privileged=os.geteuid() == 0)
         try:
@@ -221,7 +221,10 @@ class _Writer:
                 if base == OPAQUE:
                     self._clear(posixpath.dirname(path))
                 elif base.startswith(WHITEOUT):
-                    self._remove(posixpath.join(posixpath.dirname(path), base[len(WHITEOUT):]))
+                    name = base[len(WHITEOUT):]
+                    if name in ("", ".", ".."):  # ".wh.." would remove the directory above the tree
+                        raise JailConfigError(f"{where}: whiteout {member.name!r} names no entry: refused")
+                    self._remove(posixpath.join(posixpath.dirname(path), name))
                 else:
                     self._entry(archive, member, path, where)
                     self._layer_paths.add(path)
