@@ -54,17 +54,26 @@ def test_gradual_hog_is_stopped_at_the_limit() -> None:
     assert result.peak_memory is not None and result.peak_memory <= 48 << 20
 
 
-def _host_process_count() -> int:
-    return sum(1 for p in os.listdir("/proc") if p.isdigit())
-
-
 def test_fork_bomb_is_contained() -> None:
-    """A shell fork bomb under pids=64 hits the limit; the host's process count is unchanged after."""
-    before = _host_process_count()
-    result = Jail(JailSpec(pids=64)).run(["bash", "-c", "b() { b | b & }; b; sleep 1"], timeout=5)
+    """A shell fork bomb under pids=64 hits the limit; not one of its processes is left after."""
+    tag = f"pj-bomb-{os.getpid()}"  # every fork of the bomb carries it in its command line
+    script = f"exec -a {tag} bash -c 'b() {{ b | b & }}; b; sleep 1'"
+    result = Jail(JailSpec(pids=64)).run(["bash", "-c", script], timeout=5)
     assert result.pids_limit_hit > 0
     assert result.verdict().startswith("process limit reached (pids 64): fork failed ")
-    assert abs(_host_process_count() - before) < 5  # give or take this machine's own activity
+    assert _tagged(tag) == []
+
+
+def _tagged(tag: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def test_thread_bomb_is_contained() -> None:
