@@ -252,7 +252,7 @@ def _answer(tun: int, recorder: blackhole.Recorder) -> None:
     for _ in range(256):  # a burst at a time; the loop comes back
         try:
             packet = os.read(tun, 65535)
-        except (BlockingIOError, OSError):
+        except OSError:  # EAGAIN: read all there was
             return
         answer = recorder.handle(packet)
         if answer is not None:

@@ -486,7 +486,7 @@ class Command:
     stdin_fd: int | None
     data: bytes | None
     timed_out: bool = False
-    outputs: dict[int, bytearray] = field(default_factory=dict)
+    outputs: dict[int, bytearray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.outputs = {self.stdout_fd: bytearray(), self.stderr_fd: bytearray()}

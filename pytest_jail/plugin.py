@@ -419,8 +419,9 @@ def _note_blocked(report: pytest.TestReport, result: JailResult | None) -> None:
     """What the body tried to reach outside: a section of every report (``-rA`` shows it for
     passing tests too), and the first line of a failure."""
     line = None if result is None else result.blocked_line()
-    if line is None or result is None or result.blocked is None:
+    if line is None or result is None:
         return
+    assert result.blocked is not None  # there is a line
     report.sections.append(("jail: network access blocked", "\n".join(result.blocked)))
     if report.failed:
         report.longrepr = _Headed(f"jail: {line}", report.longrepr)  # type: ignore[assignment]

@@ -35,6 +35,19 @@ def _foreign_pid_ns_processes(orphans_only: bool) -> set[str]:
     return found
 
 
+def tagged(tag: str) -> list[str]:
+    """The pids of processes whose command line holds ``tag`` (tests tag what they start)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _jail_cgroups() -> set[str]:
     found = set()
     for top in ("/sys/fs/cgroup",):

@@ -12,6 +12,7 @@ import pytest
 from conftest import needs_jail
 from leftovers import new_since
 from leftovers import snapshot
+from leftovers import tagged
 
 pytestmark = needs_jail
 
@@ -48,18 +49,6 @@ def test_command_timeout(jail):
     r = jail.run(["bash", "-c", "(exec -a {tag}-f sleep 300) & wait"], timeout=0.5)
     assert r.timed_out
 """
-
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
 
 
 def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: object) -> None:
@@ -100,7 +89,7 @@ def test_suite_leaves_nothing_behind(jailed_pytester: pytest.Pytester) -> None:
     before = snapshot(orphans_only=True)
     result = jailed_pytester.runpytest_subprocess()
     result.assert_outcomes(passed=3, failed=3)
-    assert _tagged(tag) == []
+    assert tagged(tag) == []
     # Bounded wait: a concurrent test (xdist) may be killing a pytest of its own right now.
     assert _wait_until(lambda: new_since(before) == {}), new_since(before)
 
@@ -124,8 +113,8 @@ def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, h
     )
     before = snapshot(orphans_only=True)
     for test, running in (("command", f"{tag}-cmd"), ("body", f"{tag}-body")):
-        _kill_pytest_while(jailed_pytester.path, test, how, lambda name=running: bool(_tagged(name)))
-        assert _wait_until(lambda: not _tagged(tag)), f"still running: {_tagged(tag)}"
+        _kill_pytest_while(jailed_pytester.path, test, how, lambda name=running: bool(tagged(name)))
+        assert _wait_until(lambda: not tagged(tag)), f"still running: {tagged(tag)}"
     # A killed pytest cannot remove its cgroups; the next run does, at start-up.
     jailed_pytester.runpytest_subprocess("-k", "nothing-matches")
     assert _wait_until(lambda: new_since(before) == {}), new_since(before)

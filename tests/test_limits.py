@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import needs_jail
+from leftovers import tagged
 
 from pytest_jail import Jail
 from pytest_jail import JailSpec
@@ -61,19 +62,8 @@ def test_fork_bomb_is_contained() -> None:
     result = Jail(JailSpec(pids=64)).run(["bash", "-c", script], timeout=5)
     assert result.pids_limit_hit > 0
     assert result.verdict().startswith("process limit reached (pids 64): fork failed ")
-    assert _tagged(tag) == []
+    assert tagged(tag) == []
 
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def test_thread_bomb_is_contained() -> None:
