@@ -1,8 +1,10 @@
-"""What runs after ``fork()``: the helper, the jail's init (pid 1) and the payload (pid 2).
+"""What runs after ``fork()``: the helper, the jail's init (pid 1), a command (pid 2), and the
+way a test body enters a prepared jail.
 
 Kept minimal on purpose: every object it needs was prepared by the parent in :class:`Launch`
-(the mount plan included), it talks to the parent only through the wire, and it never returns
-into the caller's stack: each process ends in ``os._exit``.
+(the mount plan included), it talks to the parent only through the wire, and the helper, init
+and the process that enters a jail never return into the caller's stack: each ends in
+``os._exit``. Only a test body does, inside the jail, to run the rest of pytest's call phase.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import signal
 import socket
 import stat
 import sys
-import traceback
-from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -67,9 +67,8 @@ class Launch:
     stdin: int | None = None  # None: /dev/null
     stdout: int | None = None  # None: inherit (the body's captured stdout)
     stderr: int | None = None
-    argv: Sequence[str] | None = None  # a command to exec...
+    argv: Sequence[str] | None = None  # a command to exec, or None: a test body enters later
     env: dict[str, str] | None = None
-    body: Callable[[], Any] | None = None  # ...or a function to call after "go"
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
     tree: int | None = None  # root mode: the rootfs, id-mapped to the jail's ids by the parent
     tun: int | None = None  # the recorder's device, in init
@@ -162,7 +161,8 @@ def helper_main(launch: Launch) -> NoReturn:
 
 
 def init_main(launch: Launch, helper: int) -> NoReturn:
-    """pid 1 of the jail: build the filesystem, start the payload, reap, report its status."""
+    """pid 1 of the jail: build the filesystem, start the command (or wait for a test body to
+    enter), reap, report what was blocked and the command's status."""
     code = 1
     try:
         launch.syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -190,23 +190,22 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
                 launch.syscalls.link_up("lo")
         if launch.wait_net and os.read(launch.control_r, 1) != b"n":
             os._exit(1)  # the parent is gone, or could not set the network up
-        if launch.argv is not None:
-            pid = _spawn_command(launch)
-        else:
-            with _step(launch, "fork payload"):
-                pid = os.fork()
-            if pid == 0:
-                payload_main(launch)
+        recorder = blackhole.Recorder()
+        if launch.argv is None:
+            # A test body enters this jail later, from a fork of the caller (enter_body); init
+            # keeps the jail, reaps what is left to it and answers the recorder until told to end.
             with _step(launch, "drop capabilities"):
-                launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
-        _close(launch.stdin, launch.stdout, launch.stderr)
-        if launch.tun is None:
-            status = _reap_until(pid)
+                launch.syscalls.drop_capabilities()
+            _send(launch, "ready")
+            _serve(launch.control_r, launch.tun, recorder)
         else:
-            recorder = blackhole.Recorder()
+            pid = _spawn_command(launch)
+            _close(launch.stdin, launch.stdout, launch.stderr)
             status = _reap_until(pid, launch.tun, recorder)
+        if launch.tun is not None:
             _send(launch, "blocked", attempts=recorder.attempts, dropped=recorder.dropped)
-        _send(launch, "exit", status=status)
+        if launch.argv is not None:
+            _send(launch, "exit", status=status)
         code = 0  # leaving kills every process still in the jail: the pid namespace dies with init
     except _StepFailed:
         pass
@@ -246,6 +245,28 @@ def _reap_until(pid: int, tun: int | None = None, recorder: blackhole.Recorder |
                     return status
     finally:
         os.close(payload)
+
+
+def _serve(control: int, tun: int | None, recorder: blackhole.Recorder) -> None:
+    """Keep a jail for its test body: reap orphans and answer the recorder until the caller
+    writes "e" (the body is over) or goes away."""
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    if tun is not None:
+        poller.register(tun, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll(1000):  # 1 s: orphans are reaped too
+            if fd == tun:
+                _answer(fd, recorder)
+            elif os.read(control, 1) in (b"e", b""):
+                if tun is not None:
+                    _answer(tun, recorder)  # what it sent last
+                return
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
 
 
 def _answer(tun: int, recorder: blackhole.Recorder) -> None:
@@ -314,50 +335,74 @@ def _inheritable(fd: int) -> bool:
         return False
 
 
-def payload_main(launch: Launch) -> NoReturn:
-    """pid 2 for a test body: a new session, sealed descriptors, then wait for "go" and run it."""
-    assert launch.body is not None
-    code = 1
+@dataclass
+class Entry:
+    """What a fork of the caller needs to enter a prepared jail and become its test body."""
+
+    init: int  # a pidfd of the jail's init: its namespaces are the jail's
+    flags: int  # the namespaces to join
+    root_map: bool
+    cwd: str
+    env: dict[str, str] | None
+    cgroup_procs: list[str]  # join these first: the body is born in the jail's cgroup
+    channel: int  # the body's end of the wire to the caller
+    crash: int  # where a dying body's last words go (faulthandler, an uncaught traceback)
+    close: tuple[int, ...]  # the caller's descriptors that are none of the body's business
+    syscalls: sc.Syscalls
+
+
+def enter_body(entry: Entry) -> None:
+    """In a fork of the caller: join the jail's cgroup and namespaces, fork the body.
+
+    Returns in the body only, as pid 2 of the jail, ready to run the rest of the caller's stack;
+    this process (outside the jail's pid namespace, invisible from inside) reaps the body, says
+    how it ended and exits. ``setns`` into a pid namespace moves only the children (setns(2)).
+    """
     try:
-        _close(launch.tun)  # init's recorder, not the body's
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.setsid()
-        with _step(launch, "stdio"):
-            devnull = os.open("/dev/null", os.O_RDWR)
-            os.dup2(devnull, 0)
-            if devnull > 2:
-                os.close(devnull)
-        _seal_descriptors(launch)
-        with _step(launch, "cwd"):
-            os.chdir(launch.cwd)
-        launch.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        with _step(launch, "drop capabilities"):
-            launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
-        gc.enable()
-        _send(launch, "ready")
-        if os.read(launch.control_r, 1) != b"g":
-            os._exit(1)
-        os.close(launch.control_r)
-        if launch.env is not None:
-            os.environ.clear()
-            os.environ.update(launch.env)
-        outcome = launch.body()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _send(launch, "report", data=outcome)
-        code = 0
-    except _StepFailed:
-        code = 127
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
+        gc.disable()
+        _close(*entry.close)
+        for procs in entry.cgroup_procs:  # before the cgroup namespace hides the way there
+            _write(procs, b"0")
+        entry.syscalls.setns(entry.init, entry.flags)  # one call, user namespace first (setns(2))
+        os.close(entry.init)
+        pid = os.fork()
+    except OSError as exc:
+        _tell(entry.channel, "error", step="enter", errno=exc.errno, detail=exc.strerror or str(exc), path=None)
+        os._exit(1)
+    if pid:
         code = 1
-    finally:
-        os._exit(code)
+        try:
+            _close(entry.crash)
+            _, status = os.waitpid(pid, 0)
+            _tell(entry.channel, "exit", status=status)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        if entry.root_map:  # the jail's root, an unprivileged host uid, as the jail's init is
+            os.setresgid(0, 0, 0)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)
+            entry.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)  # a nested jail writes its id map (prctl(2))
+        os.setsid()
+        _seal_descriptors(keep=(entry.channel, entry.crash))
+        os.chdir(entry.cwd)
+        entry.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        entry.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
+    except OSError as exc:
+        _tell(entry.channel, "error", step="enter", errno=exc.errno, detail=exc.strerror or str(exc), path=exc.filename)
+        os._exit(127)
+    gc.enable()
+    if entry.env is not None:
+        os.environ.clear()
+        os.environ.update(entry.env)
+
+
+def _tell(fd: int, kind: str, **fields: Any) -> None:
+    try:
+        _wire.send(fd, kind, **fields)
+    except OSError:
+        pass
 
 
 def _die_with_parent(launch: Launch, parent: int) -> None:
@@ -377,14 +422,13 @@ def _write_own_map(uid: int, gid: int) -> None:
         f.write(f"{gid} {gid} 1")
 
 
-def _seal_descriptors(launch: Launch) -> None:
+def _seal_descriptors(keep: tuple[int, ...]) -> None:
     """Keep a test body's descriptors from leaking.
 
     The body is a fork of pytest: the descriptors that fixture values hold must keep working, so
     they stay open but become close-on-exec (nothing the body runs inherits them); directory
     descriptors are closed, since ``openat(dirfd, "..")`` would walk out of the jail's root.
     """
-    keep = {launch.status_w, launch.control_r}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd in keep or fd < 3:

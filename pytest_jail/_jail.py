@@ -13,14 +13,17 @@ import select
 import selectors
 import signal
 import socket
+import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
+from typing import NoReturn
 from typing import final
 
 from . import _child
@@ -34,6 +37,7 @@ from ._limits import usage_fields
 from ._linux.mounts import Exposure
 from ._linux.net import Attachment
 from ._linux.net import networks
+from ._linux.syscalls import CLONE_NEWNET
 from ._process import JailProcess
 from ._result import JailResult
 from ._spec import JailSpec
@@ -51,11 +55,14 @@ from ._view import uses_root_map
 
 __all__ = ["ROOT_MAP_BASE", "Call", "Jail", "runtime_paths", "uses_root_map"]
 
+#: Every jail this process runs: a test body entering one closes the handles of all of them.
+_RUNNING: weakref.WeakSet[_Run] = weakref.WeakSet()
+
 _KILL_GRACE = 10.0  # seconds to wait for a killed jail's last process before giving up
 SETUP_TIMEOUT = 60.0  # seconds for a jail to be built (its own timeout starts after)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: each is one running jail
 class _Run:
     """A jail being run: the helper's pid and the parent's ends of the pipes."""
 
@@ -74,6 +81,14 @@ class _Run:
     attachment: Attachment | None = None  # its place on a bridge, released when it is gone
     init_pid: int = 0  # the host pid of the jail's init
     killed: bool = False  # killed on purpose (JailProcess.kill), not by a limit
+    launch: _child.Launch | None = None  # what the child side was given (a body enters with it)
+
+    def __post_init__(self) -> None:
+        _RUNNING.add(self)
+
+    def descriptors(self) -> tuple[int, ...]:
+        """The parent's handles on this jail: a body entering any jail must not keep them."""
+        return tuple(fd for fd in (self.status, self.control, self.init) if fd is not None and fd >= 0)
 
     def close_pipes(self) -> None:
         """Close our ends of the wire, once (a closed number may already be someone else's)."""
@@ -222,9 +237,17 @@ class Jail:
         data = input.encode() if isinstance(input, str) else input
         return Command(self, run, list(argv), spec, out_r, err_r, in_w, data)
 
-    def start_call(self, body: Callable[[], Any], *, cwd: str | None = None) -> Call:
-        """Build a jail around a fork of this process; ``body`` runs when :meth:`Call.go` is called."""
-        run = self._launch(self.spec, cwd=cwd, body=body)
+    def start_call(self, *, cwd: str | None = None) -> Call:
+        """Build a jail for a function of this process, ready for :meth:`Call.fork` to enter.
+
+        Everything that can fail because of the host fails here, before the function runs::
+
+            call = Jail(spec).start_call()
+            if call.fork():              # in the jail, as pid 2: the rest of this stack runs there
+                call.finish({"value": work()})
+            call.wait(timeout=10)        # here: call.outcome, call.result(...)
+        """
+        run = self._launch(self.spec, cwd=cwd)
         call = Call(self, run)
         call._wait_ready()
         return call
@@ -285,20 +308,16 @@ class Jail:
         if payload.get("env") is None and spec.env is not None:
             launch.env = dict(spec.env)
         started = time.monotonic()
+
+        def helper() -> None:
+            try:
+                launch.parent_fds += (status_r, control_w)
+                _child.helper_main(launch)
+            finally:
+                os._exit(1)  # whatever happens, a child never returns into the caller's stack
+
         try:
-            with warnings.catch_warnings():
-                # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one).
-                # The helpers only make syscalls; a test body runs pytest code, as pytest-forked's
-                # children do, so a lock held by another thread at fork time is a known risk.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                # Frozen objects are never scanned by the child's garbage collector, which would
-                # otherwise touch, and so copy, every page of the heap (gc.freeze docs).
-                gc.freeze()
-                try:
-                    pid = os.fork()
-                finally:
-                    if os.getpid() == launch.parent_pid:
-                        gc.unfreeze()
+            pid = _fork(helper)
         except OSError as exc:
             for fd in (status_r, status_w, control_r, control_w):
                 os.close(fd)
@@ -307,15 +326,9 @@ class Jail:
             if attachment is not None:
                 networks().release(attachment)
             raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
-        if pid == 0:
-            try:
-                launch.parent_fds += (status_r, control_w)
-                _child.helper_main(launch)
-            finally:
-                os._exit(1)  # whatever happens, a child never returns into the caller's stack
         for fd in (status_w, control_r):
             os.close(fd)
-        run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment)
+        run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment, launch=launch)
         try:
             if root_map:
                 self._write_root_map(run, rootfs)
@@ -380,10 +393,12 @@ class Jail:
         outputs: dict[int, bytearray] | None = None,
         stdin: int | None = None,
         data: bytes | None = None,
+        since: float | None = None,
     ) -> bool:
-        """Read the wire (and outputs) until the jail is gone; kill it at ``timeout``. Timed out?"""
+        """Read the wire (and outputs) until the jail is gone; kill it ``timeout`` seconds after
+        ``since`` (default: its start). Timed out?"""
         outputs = outputs or {}
-        deadline = None if timeout is None else run.started + timeout
+        deadline = None if timeout is None else (run.started if since is None else since) + timeout
         sel = selectors.DefaultSelector()
         sel.register(run.status, selectors.EVENT_READ)
         for fd in outputs:
@@ -529,14 +544,26 @@ class Command:
 
 @final
 class Call:
-    """A test body waiting in a built jail; :meth:`go` runs it, :meth:`wait` collects it."""
+    """A jail built for a function of this process: :meth:`fork` enters it, :meth:`wait` collects.
+
+    The function is not started in the jail ahead of time: the caller forks at the moment it
+    runs it, so the jailed copy starts from this process as it is then (a test's item after its
+    setup phase and setup report, its fixtures' values), and runs the rest of the caller's stack
+    as pid 2 of the jail.
+    """
 
     def __init__(self, jail: Jail, run: _Run) -> None:
         self._jail = jail
         self._run = run
+        self._channel = -1  # inside: the body's end of the wire
+        self._entering = 0  # outside: the process that entered the jail and reaps the body
+        self._reader = _wire.Reader()
         self.timed_out = False
-        self.report: dict[str, Any] | None = None
-        self.status: int | None = None
+        self.outcome: dict[str, Any] | None = None  # what the body sent with finish()
+        self.status: int | None = None  # the body's wait status
+        self.error: dict[str, Any] | None = None  # the body could not enter the jail
+        self.last_words = b""  # what a dying body wrote on its way out (tracebacks, faulthandler)
+        self._ended = 0.0
 
     def _wait_ready(self) -> None:
         if self._jail._next_message(self._run, "ready") is None:
@@ -544,22 +571,83 @@ class Call:
             self._jail._raise_setup_error(self._run)
             raise JailSetupError("start", None, "the jail ended before the test body was ready")
 
-    def go(self) -> None:
-        os.write(self._run.control, b"g")
+    # -- both sides ---------------------------------------------------------------------------
+
+    def fork(self) -> bool:
+        """Fork this process into the jail: ``True`` in the jailed copy (pid 2 of the jail, in
+        its namespaces and cgroup, with the jail's ids and capabilities), ``False`` here."""
+        run = self._run
+        assert run.launch is not None and run.init is not None, "fork() once, on a jail start_call() built"
+        channel_r, channel_w = os.pipe2(os.O_CLOEXEC)
+        crash_r, crash_w = os.pipe2(os.O_CLOEXEC)
+        launch = run.launch
+        entry = _child.Entry(
+            init=run.init,
+            flags=_child.NAMESPACES | (0 if launch.share_net else CLONE_NEWNET),
+            root_map=launch.root_map,
+            cwd=launch.cwd,
+            env=launch.env,
+            cgroup_procs=launch.cgroup_procs,
+            channel=channel_w,
+            crash=crash_w,
+            close=(channel_r, crash_r, *(fd for r in list(_RUNNING) for fd in r.descriptors() if fd != run.init)),
+            syscalls=launch.syscalls,
+        )
+        run.started = time.monotonic()
+        pid = _fork(lambda: _child.enter_body(entry))
+        if pid == 0:
+            self._channel = channel_w
+            self.crash_fd = crash_w
+            return True
+        os.close(channel_w)
+        os.close(crash_w)
+        self._entering = pid
+        self._outputs = {channel_r: bytearray(), crash_r: bytearray()}
+        return False
+
+    # -- inside -------------------------------------------------------------------------------
+
+    crash_fd = -1  #: inside: a descriptor for last words (``faulthandler.enable(file=...)``)
+
+    def finish(self, outcome: dict[str, Any]) -> NoReturn:
+        """Inside: send ``outcome`` to the caller and end the jailed copy, never returning."""
+        code = 1
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            _wire.send(self._channel, "outcome", data=outcome)
+            code = 0
+        finally:
+            os._exit(code)
+
+    # -- outside ------------------------------------------------------------------------------
 
     def wait(self, timeout: float | None) -> Call:
-        """Collect the body's report and exit status; kill the whole jail at ``timeout``."""
-        self._run.started = time.monotonic()
-        if not self._run.finished:
-            self.timed_out = self._jail._collect(self._run, timeout)
-        self.status = self._jail._exit_status(self._run)
-        reports = [m for m in self._run.messages if m["kind"] == "report"]
-        self.report = reports[-1]["data"] if reports else None
+        """Collect the body's outcome and status; kill the whole jail at ``timeout``; then end
+        the jail and reap it. Safe to call once after :meth:`fork`."""
+        run = self._run
+        channel, crash = list(self._outputs)
+        self.timed_out = _read_until_closed(run, self._outputs, timeout)
+        for message in self._reader.feed(bytes(self._outputs[channel])):
+            if message["kind"] == "outcome":
+                self.outcome = message["data"]
+            elif message["kind"] == "exit":
+                self.status = int(message["status"])
+            elif message["kind"] == "error":
+                self.error = message
+        self.last_words = bytes(self._outputs[crash][-_LAST_WORDS:])
+        self._ended = run.ended
+        _reap(self._entering)
+        self._entering = 0
+        self.kill()
         return self
 
     @property
     def duration(self) -> float:
-        return self._run.ended - self._run.started
+        return (self._ended or self._run.ended) - self._run.started
 
     def result(self, args: list[str], spec: JailSpec) -> JailResult:
         """How the body's jail ended, with what its cgroup counted."""
@@ -583,8 +671,87 @@ class Call:
         return None if self.status is None else _returncode(self.status)
 
     def kill(self) -> None:
-        """Kill the jail now (if still there) and reap it; safe to call twice."""
-        self._jail._abandon(self._run)
+        """End the jail (the body is over, or never came) and reap it; safe to call twice."""
+        run = self._run
+        if self._entering:  # a body still running: it goes with the jail
+            run.kill()
+            _reap(self._entering)
+            self._entering = 0
+        if run.pid and not run.finished:
+            try:
+                os.write(run.control, b"e")  # init reports what was blocked and leaves
+            except OSError:
+                pass
+            try:
+                self._jail._collect(run, _KILL_GRACE, since=time.monotonic())
+            except BaseException:
+                self._jail._abandon(run)
+                raise
+        self._jail._abandon(run)
+
+
+#: How much of a dying body's last words the report keeps.
+_LAST_WORDS = 64 * 1024
+
+
+def _fork(child: Callable[[], None]) -> int:
+    """``os.fork()``; the child runs ``child`` first. The garbage collector's objects are frozen
+    around it, so the child's first collection does not copy every page (gc.freeze docs)."""
+    with warnings.catch_warnings():
+        # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one); what the
+        # child runs is pytest code, as pytest-forked's children do.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        gc.freeze()
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == parent:
+                gc.unfreeze()
+    if pid == 0:
+        child()
+    return pid
+
+
+def _read_until_closed(run: _Run, outputs: dict[int, bytearray], timeout: float | None) -> bool:
+    """Read ``outputs`` until every one is closed; kill the jail at ``timeout``. Timed out?"""
+    deadline = None if timeout is None else run.started + timeout
+    poller = select.poll()
+    for fd in outputs:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(outputs)
+    timed_out = False
+    try:
+        while open_fds:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait == 0:
+                if timed_out:
+                    break  # a process we cannot kill (D state): stop waiting, never hang
+                timed_out = True
+                run.kill()
+                deadline = time.monotonic() + _KILL_GRACE
+                continue
+            for fd, _ in poller.poll(None if wait is None else wait * 1000):
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    outputs[fd] += chunk
+                else:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+    finally:
+        for fd in outputs:
+            _close_quietly(fd)
+        run.ended = time.monotonic()
+    return timed_out
+
+
+def _reap(pid: int) -> None:
+    """Reap a child that is ending (the process that entered a jail, once its body is gone)."""
+    if pid:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _returncode(status: int | None) -> int:

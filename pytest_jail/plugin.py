@@ -8,17 +8,19 @@ the call phase releases it and takes the report it sends back over the wire.
 from __future__ import annotations
 
 import faulthandler
-import importlib
+import functools
 import os
 import stat
-import sys
-import warnings
+import time
+import traceback
 from collections.abc import Generator
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from . import _remote
+from . import _replay
 from . import hooks
 from ._cgroups.manager import clean_stale_everywhere
 from ._cgroups.manager import prepare_delegation
@@ -63,8 +65,12 @@ host_key = pytest.StashKey[HostSupport]()
 spec_key = pytest.StashKey["JailSpec | None"]()
 layers_key = pytest.StashKey["_Layers"]()
 call_key = pytest.StashKey[Call]()
-inside_key = pytest.StashKey[bool]()
+inside_key = pytest.StashKey[_remote.Inside]()  # set in a jailed body only
 result_key = pytest.StashKey[JailResult]()
+outcome_key = pytest.StashKey["dict[str, Any]"]()  # what a jailed body sent back
+timer_key = pytest.StashKey[Any]()  # pytest-timeout's settings for the test, and when it started
+_OWN_KEYS = frozenset({base_spec_key, host_key, spec_key, layers_key, call_key, inside_key, result_key, outcome_key,
+                       timer_key})
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -113,6 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
     set_budget(_memory_total(config))
+    config.pluginmanager.register(_BodyReport(), "jail-body-report")
     if config.option.jail_report:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
     if config.option.jail_keep_failed or config.getini("jail_keep_failed"):
@@ -211,17 +218,16 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     if spec is not None:
         _guard(item, _host(item.config).require)
     result = yield
-    # After every fixture is set up, since their values must reach the body.
+    # After every fixture is set up: the jail is built now, so that what the host cannot do is
+    # an error of the setup phase; the body enters it when the call phase runs the test.
     if spec is not None:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
         layers = item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and spec.rootfs is not None else None
         jail = Jail(spec, exposures=_exposures(item, spec.rootfs, tmp, body=True), layer=layer)
-        item.stash[call_key] = _guard(item, lambda: jail.start_call(lambda: _run_call(item)))
-        # From here on, this process runs the body by releasing the jail (the jail's own copy of
-        # the item, forked above, keeps the real runtest). Any kind of item: functions,
-        # unittest cases, doctests.
-        item.runtest = lambda: _release(item)  # type: ignore[method-assign]
+        item.stash[call_key] = _guard(item, jail.start_call)
+        # Any kind of item (functions, unittest cases, doctests): its own runtest runs in the jail.
+        item.runtest = functools.partial(_jailed_runtest, item, item.runtest)  # type: ignore[method-assign]
     return result
 
 
@@ -278,134 +284,145 @@ def _chown_tree(path: str, uid: int) -> None:
                 os.lchown(entry, uid, uid)
 
 
-def _run_call(item: pytest.Item) -> dict[str, Any]:
-    """Inside the jail: run the call phase as pytest would; return what the parent must replay.
+def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
+    """The call phase of a jailed item: fork into the jail built at setup and run the test there.
 
-    That is the report, every other report the body logged (pytest 9's subtests), the warnings
-    it raised and a ``pytest.exit()``; all serialized with pytest's own hooks.
+    The fork returns twice. In the jail, the test runs and pytest's stack goes on there up to the
+    call's report, which goes back (``_remote``). Here, pytest's process waits, then replays
+    what the body's call phase did (``_replay``) and ends the call as the body's did.
     """
-    config = item.config
-    item.stash[inside_key] = True
-    if faulthandler.is_enabled():  # a crash's Python traceback goes to the captured stderr
-        faulthandler.enable(file=sys.stderr)
-    recorder = _Recorder(config)
-    config.pluginmanager.register(recorder)
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # the parent prints the reports this process records
-        quiet = config.pluginmanager.subset_hook_caller("pytest_runtest_logreport", remove_plugins=[reporter])
-        setattr(config.hook, "pytest_runtest_logreport", quiet)  # noqa: B010 - HookRelay is dynamic
-    exit_message = None
-    with warnings.catch_warnings(record=True) as caught:
-        call = None
-        try:
-            call = pytest.CallInfo.from_call(
-                lambda: item.ihook.pytest_runtest_call(item=item), when="call", reraise=(pytest.exit.Exception,)
-            )
-        except pytest.exit.Exception as exc:
-            exit_message = str(exc.msg)
-    report = None
-    if call is not None:
-        report = config.hook.pytest_report_to_serializable(
-            config=config, report=item.ihook.pytest_runtest_makereport(item=item, call=call)
-        )
-    return {
-        "report": report,
-        "logreports": recorder.reports,
-        "warnings": [_warning_to_json(w) for w in caught],
-        "exit": exit_message,
-    }
-
-
-class _Recorder:
-    """Inside the jail: keeps the reports the body logs (subtests) for the parent to replay."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.reports: list[dict[str, Any]] = []
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.reports.append(self.config.hook.pytest_report_to_serializable(config=self.config, report=report))
-
-
-def _warning_to_json(message: warnings.WarningMessage) -> dict[str, Any]:
-    category = message.category
-    return {
-        "message": str(message.message),
-        "category": f"{category.__module__}:{category.__qualname__}",
-        "filename": message.filename,
-        "lineno": message.lineno,
-    }
-
-
-def _replay_warning(data: dict[str, Any]) -> None:
-    """In pytest's process: raise again a warning the body raised, so pytest records it as usual."""
-    module, _, name = data["category"].partition(":")
-    category: type[Warning] = UserWarning
-    try:
-        found: Any = importlib.import_module(module)
-        for part in name.split("."):
-            found = getattr(found, part)
-        if isinstance(found, type) and issubclass(found, Warning):
-            category = found
-    except (ImportError, AttributeError):
-        pass
-    warnings.warn_explicit(data["message"], category, data["filename"], data["lineno"])
-
-
-def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
-    data = dict(data)
-    for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
-    report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
-    return report
-
-
-def _release(item: pytest.Item) -> None:
-    """The call phase of a jailed item, in pytest's process: let the body run, wait for it."""
     call = item.stash[call_key]
     spec = item.stash[spec_key]
     assert spec is not None
+    budget = _pause_timeout(item)
+    if call.fork():
+        inside = item.stash[inside_key] = _remote.Inside(item, call, budget, _OWN_KEYS)
+        inside.start()
+        _remote.call_runtest(runtest, inside)
+        return
     try:
-        call.go()
         call.wait(spec.timeout)
     finally:
         call.kill()
+    _resume_timeout(item, budget, call.duration)
     item.stash[result_key] = result = call.result([item.nodeid], spec)
-    item.user_properties += [  # JUnit XML writes them (it reads the item's, at teardown)
+    outcome = call.outcome
+    if outcome is not None:
+        item.stash[outcome_key] = outcome
+        if outcome.get("report"):  # JUnit XML reads the item's properties, at teardown
+            item.user_properties[:] = [tuple(p) for p in outcome["report"].get("user_properties", [])]
+    item.user_properties += [
         ("jail_wall_time", round(result.duration, 6)),
         ("jail_cpu_time", None if result.cpu_time is None else round(result.cpu_time, 6)),
         ("jail_peak_memory", result.peak_memory),
     ]
     item.ihook.pytest_jail_result(item=item, result=result)
-    outcome = call.report or {}
-    for logged in outcome.get("logreports", []):
-        item.ihook.pytest_runtest_logreport(report=_deserialize(item.config, logged))
-    for warning in outcome.get("warnings", []):
-        _replay_warning(warning)
-    if outcome.get("exit") is not None:
-        pytest.exit(outcome["exit"])
-    if call.timed_out or (call.report is None and (result.oom_killed or result.pids_limit_hit)):
-        pytest.fail(f"jail: {result.verdict()}", pytrace=False)
-    if call.report is None:
+    if outcome is not None:
+        _replay.replay(item, outcome, _OWN_KEYS)
+        if outcome.get("interrupt"):
+            raise KeyboardInterrupt
+        if outcome.get("exit") is not None:
+            pytest.exit(outcome["exit"])
+    if call.timed_out or (outcome is None and (result.oom_killed or result.pids_limit_hit)):
+        pytest.fail(f"jail: {result.verdict()}{_last_words(call.last_words)}", pytrace=False)
+    if call.error is not None:
+        raise JailSetupError("enter", call.error.get("errno"), call.error["detail"], call.error.get("path"))
+    if outcome is None:
         ending = describe_status(result.returncode)
         ending = f"was {ending}" if ending.startswith("killed") else ending
-        pytest.fail(f"jail: the test body {ending} before it reported an outcome", pytrace=False)
+        pytest.fail(f"jail: the test body {ending} before it reported an outcome{_last_words(call.last_words)}",
+                    pytrace=False)
+    if outcome.get("exception"):
+        raise _replay.stand_in(outcome["exception"])
+
+
+def _last_words(raw: bytes) -> str:
+    """What a dying body wrote on its way out (its traceback, faulthandler's dump), for the report."""
+    text = raw.decode(errors="replace").strip()
+    return f"\n\nwhat it wrote on its way out:\n{text}" if text else ""
+
+
+def _pause_timeout(item: pytest.Item) -> Any:
+    """pytest-timeout's timer for this test, stopped here and handed to the body with what is left
+    of its budget (so its failure shows where the body hung); ``None`` without one."""
+    started = item.stash.get(timer_key, None)
+    if started is None:
+        return None
+    settings, since = started
+    item.ihook.pytest_timeout_cancel_timer(item=item)
+    return settings, max(settings.timeout - (time.monotonic() - since), 0.001)
+
+
+def _resume_timeout(item: pytest.Item, budget: Any, spent: float) -> None:
+    """Teardown stays under pytest-timeout's timer when it covers the whole test."""
+    if budget is None:
+        return
+    settings, remaining = budget
+    if not settings.func_only and remaining - spent > 0:
+        item.ihook.pytest_timeout_set_timer(item=item, settings=settings._replace(timeout=remaining - spent))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # first: note when the timer starts, then let it
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    if item.stash.get(spec_key, None) is not None and inside_key not in item.stash:
+        item.stash[timer_key] = (settings, time.monotonic())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_enter_pdb(config: pytest.Config) -> None:
+    faulthandler.cancel_dump_traceback_later()  # a debugging session is not a hang
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: nothing of pytest's stack goes on in a body
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    try:
+        return (yield)
+    finally:
+        inside = item.stash.get(inside_key, None)
+        if inside is not None:  # a body is only ever to reach its report (see pytest_runtest_makereport)
+            inside.abort(f"jail: the test body left the call phase without its report:\n{traceback.format_exc()}")
+
+
+class _BodyReport:
+    """Registered at configure: in pytest's process, the report of a jailed call is the body's.
+
+    As the innermost result (tryfirst, and makereport takes the first result), so every plugin's
+    makereport wrapper here sees the body's report and its exception, as it would in place; the
+    outermost wrapper then restores the report exactly as the body made it.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport | None:
+        outcome = item.stash.get(outcome_key, None)
+        if call.when != "call" or outcome is None or not outcome.get("report") or inside_key in item.stash:
+            return None
+        return _replay.report(item.config, outcome["report"])
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: the jail's report is the final word
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Hand pytest the report the jail made (already through every plugin, in the jail), put what
-    the jail stopped on top of it, and shorten jail errors to one line."""
-    report: pytest.TestReport = yield
+    """In a body, send the call's report back and end; in pytest's process, take the body's
+    report, put what the jail stopped on top of it, and shorten jail errors to one line."""
+    inside = item.stash.get(inside_key, None)
+    try:
+        report: pytest.TestReport = yield
+    except BaseException:
+        if inside is None:
+            raise
+        inside.abort(f"jail: making the report of the test body failed:\n{traceback.format_exc()}")
+    if inside is not None:
+        if call.when == "call" and inside.ran:
+            inside.finish(report, call)
+        return report
     jailed = item.stash.get(call_key, None)
-    if call.when == "call" and jailed is not None and not item.stash.get(inside_key, False):
+    if call.when == "call" and jailed is not None:
         result = item.stash.get(result_key, None)
-        if jailed.report:
-            report = _deserialize(item.config, jailed.report["report"])
+        outcome = item.stash.get(outcome_key, None)
+        if outcome is not None and outcome.get("report"):
+            report = _replay.report(item.config, outcome["report"])
+            call.excinfo = None  # it was the body's, and debugged there (--pdb): nothing to do here
             if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
                 report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
         _note_blocked(report, result)
@@ -512,7 +529,7 @@ class _KeptLayers:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report: pytest.TestReport = yield
         layers = item.stash.get(layers_key, None)
-        if layers is not None and layers.paths and report.failed and not item.stash.get(inside_key, False):
+        if layers is not None and layers.paths and report.failed and inside_key not in item.stash:
             layers.failed = True
             kept = "\n".join(os.path.join(p, "upper") for p in layers.paths)
             report.sections.append(("jail: what the test wrote over its rootfs is kept in", kept))
@@ -526,6 +543,9 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         del item.stash[call_key]
         del item.runtest  # back to the class's own
         call.kill()
+    for key in (outcome_key, timer_key):
+        if key in item.stash:
+            del item.stash[key]
 
 
 @pytest.fixture

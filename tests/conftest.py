@@ -43,9 +43,11 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def jailed_pytester(pytester: pytest.Pytester) -> pytest.Pytester:
-    """A pytester whose directory the jail can read (root mode runs the jail as an unprivileged host uid)."""
+def jailed_pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester whose directory the jail can read (root mode runs the jail as an unprivileged host
+    uid), whose runs keep the order of their tests (pytest-randomly, where installed, is off)."""
     os.chmod(pytester.path, 0o755)
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     return pytester
 
 

@@ -20,10 +20,27 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-def test_only_plugin_and_hooks_import_pytest() -> None:
-    """The engine works without pytest."""
+#: The modules that translate between pytest and the engine (DESIGN.md, "Architecture").
+PYTEST_EDGE = {"plugin.py", "hooks.py", "_remote.py", "_replay.py"}
+
+
+def _relative_imports(path: pathlib.Path) -> set[str]:
+    return {
+        (node.module or "").split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    } | {
+        alias.name for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and not node.module for alias in node.names
+    }
+
+
+def test_only_the_pytest_edge_imports_pytest() -> None:
+    """The engine works without pytest: only the edge imports it, and nothing else imports the edge."""
     offenders = {p.name for p in PACKAGE.rglob("*.py") if {"pytest", "_pytest"} & _imports(p)}
-    assert offenders <= {"plugin.py", "hooks.py"}
+    assert offenders <= PYTEST_EDGE
+    edge = {name.removesuffix(".py") for name in PYTEST_EDGE}
+    engine = [p for p in PACKAGE.rglob("*.py") if p.name not in PYTEST_EDGE]
+    assert {p.name for p in engine if edge & _relative_imports(p)} == set()
 
 
 def test_only_net_module_imports_pyroute2() -> None:

@@ -193,6 +193,7 @@ def outside(tmp_path: Path) -> Iterator[str]:
         pytest.skip("needs iproute2 and nftables: apt-get install iproute2 nftables")
     name = f"pjtest{os.getpid() % 100000}"
     run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    netns_mounted = _is_mount_point("/run/netns")  # ip mounts it the first time; we put that back
     run("ip", "netns", "add", name)
     server = None
     try:
@@ -219,6 +220,13 @@ def outside(tmp_path: Path) -> Iterator[str]:
             server.wait()
         subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if not netns_mounted and _is_mount_point("/run/netns") and not os.listdir("/run/netns"):
+            subprocess.run(["umount", "/run/netns"], capture_output=True)
+
+
+def _is_mount_point(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def _tables() -> list[str]:
