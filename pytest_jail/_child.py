@@ -71,6 +71,8 @@ class Launch:
     env: dict[str, str] | None = None
     sources: dict[str, int] = field(default_factory=dict)  # exposure source -> O_PATH fd
     tree: int | None = None  # root mode: the rootfs, id-mapped to the jail's ids by the parent
+    mapped: tuple[str, ...] = ()  # root mode: exposures the parent id-maps, in the order it sends them
+    trees: dict[str, int] = field(default_factory=dict)  # ...and their detached trees, received
     tun: int | None = None  # the recorder's device, in init
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
@@ -125,11 +127,16 @@ def helper_main(launch: Launch) -> NoReturn:
         with _step(launch, "user namespace id map"):
             if launch.root_map:
                 _send(launch, "map", pid=os.getpid())
+                # "m", then "r" if a tree of the rootfs comes, then "1" or "0" for each mapped
+                # exposure (whether its tree comes), the trees in that order.
                 with socket.socket(fileno=os.dup(launch.control_r)) as control:
-                    data, fds, _, _ = socket.recv_fds(control, 1, 1)
-                if data != b"m":
+                    data, fds, _, _ = socket.recv_fds(control, 2 + len(launch.mapped), 1 + len(launch.mapped))
+                if data[:1] != b"m":
                     os._exit(1)
-                launch.tree = fds[0] if fds else None
+                if data[1:2] == b"r":
+                    launch.tree, fds = fds[0], fds[1:]
+                sent = [path for path, flag in zip(launch.mapped, data[2:].decode(), strict=True) if flag == "1"]
+                launch.trees = dict(zip(sent, fds, strict=True))
                 os.setresgid(0, 0, 0)
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
@@ -175,14 +182,14 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             except OSError:
                 launch.tun = None
         with _step(launch, "mount"):
-            ex = Executor(launch.syscalls, launch.sources, launch.tree)
+            ex = Executor(launch.syscalls, launch.sources, launch.tree, launch.trees)
             for op in launch.plan:
                 try:
                     getattr(ex, op[0])(*op[1:])
                 except OSError as exc:
                     detail = f"{exc.strerror} during {_describe(op)}"
                     raise OSError(exc.errno, detail, exc.filename) from None
-            _close(launch.tree)
+            _close(launch.tree, *launch.trees.values())
         with _step(launch, "hostname"):
             launch.syscalls.sethostname(launch.hostname)
         if not launch.share_net:

@@ -302,6 +302,7 @@ class Jail:
             control_r=control_r,
             parent_pid=os.getpid(),
             sources=bind_sources(plan) if root_map else {},
+            mapped=tuple(e.source for e in exposures if e.mapped) if root_map else (),
             cgroup_procs=group.procs_files if group is not None else [],
             **payload,
         )
@@ -362,13 +363,17 @@ class Jail:
                 os.write(fd, mapping)
             finally:
                 os.close(fd)
-        tree = None if rootfs is None else idmapped_tree(rootfs, f"/proc/{run.pid}/ns/user")
+        userns = f"/proc/{run.pid}/ns/user"
+        tree = None if rootfs is None else idmapped_tree(rootfs, userns)
+        trees = [idmapped_tree(path, userns, quiet=True) for path in run.launch.mapped] if run.launch else []
+        fds = [t for t in [tree, *trees] if t is not None]
+        flags = ("r" if tree is not None else "-") + "".join("0" if t is None else "1" for t in trees)
         try:
             with socket.socket(fileno=os.dup(run.control)) as control:
-                socket.send_fds(control, [b"m"], [tree] if tree is not None else [])
+                socket.send_fds(control, [b"m" + flags.encode()], fds)
         finally:
-            if tree is not None:
-                os.close(tree)
+            for fd in fds:
+                os.close(fd)
 
     def _next_message(self, run: _Run, kind: str) -> dict[str, Any] | None:
         """Wait for a message of ``kind`` (``None`` on an error or EOF); setup has a time limit."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -115,7 +116,8 @@ def arm_timeout(item: pytest.Item, budget: Any, crash_fd: int) -> None:
     """
     settings, remaining = budget
     if settings.method == "signal":
-        item.ihook.pytest_timeout_set_timer(item=item, settings=settings._replace(timeout=remaining))
+        item.ihook.pytest_timeout_set_timer(item=item, settings=settings)  # its message names the budget...
+        signal.setitimer(signal.ITIMER_REAL, remaining)  # ...its timer fires when the rest is spent
     else:
         faulthandler.dump_traceback_later(remaining, exit=True, file=crash_fd)
 

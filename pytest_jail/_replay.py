@@ -51,7 +51,8 @@ def _count_failed_subtest(config: pytest.Config, made: pytest.TestReport) -> Non
     except ImportError:  # pytest 8: subtests are a plugin of their own
         return
     if isinstance(made, SubtestReport) and made.failed:
-        config.stash[failed_subtests_key][getattr(made, "id", made.nodeid)] += 1
+        key: Any = getattr(made, "id", made.nodeid)  # a NodeId since pytest 9.2, the node id before
+        config.stash[failed_subtests_key][key] += 1
 
 
 def restore_state(item: pytest.Item, changed: dict[str, Any], own: frozenset[Any]) -> None:

@@ -92,6 +92,8 @@ def plan_for(
     """The mount plan of a jail; ``binds`` are the targets the user bound explicitly, which the
     host view's hygiene leaves alone."""
     closed = closed_ancestors(e.source for e in exposures) if root_map else set()
+    # A mapped exposure is the jail root's own: its closed directories are not closed to the jail.
+    closed = {c for c in closed if not any(_is_under(c, e.source) for e in exposures if e.mapped)}
     # Plans describe the filesystem this process sees: a jail nested in a jailed body (a fork,
     # with these caches) sees another one, so the mount namespace is part of every cache key.
     view = os.stat("/proc/self/ns/mnt").st_ino
@@ -226,15 +228,19 @@ def resolve_rootfs(rootfs: str | None) -> str | None:
     return named_rootfs(rootfs)
 
 
-def idmapped_tree(rootfs: str, userns: str) -> int | None:
-    """Root mode: the rootfs as a detached mount in which a file's on-disk owner is the jail's id
-    (uid 0 on disk belongs to the jail's root, not to the host's), or ``None`` where the
-    rootfs's filesystem cannot be id-mapped (Linux 5.12; tmpfs 6.3; not NFS): then it is bound as
-    it is, and files owned by the host's root are read-only to the jail's root.
+def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | None:
+    """Root mode: a tree (the rootfs, a mapped exposure) as a detached mount in which a file's
+    on-disk owner is the jail's id (uid 0 on disk belongs to the jail's root, not to the host's),
+    or ``None`` where its filesystem cannot be id-mapped (Linux 5.12; tmpfs 6.3; not NFS): then
+    it is bound as it is, and files owned by the host's root are read-only to the jail's root.
     """
     if rootfs in NOT_IDMAPPED:  # it failed once; the filesystem will not change its mind
         return None
-    tree = _syscalls().clone_tree(rootfs)
+    try:
+        tree = _syscalls().clone_tree(rootfs)
+    except OSError as exc:
+        NOT_IDMAPPED[rootfs] = exc.strerror or str(exc)
+        return None
     try:
         ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -243,9 +249,53 @@ def idmapped_tree(rootfs: str, userns: str) -> int | None:
             os.close(ns)
     except OSError as exc:
         os.close(tree)
-        _warn_not_idmapped(rootfs, exc.strerror or str(exc))
+        if quiet:
+            NOT_IDMAPPED[rootfs] = exc.strerror or str(exc)
+        else:
+            _warn_not_idmapped(rootfs, exc.strerror or str(exc))
         return None
     return tree
+
+
+def idmap_works(path: str) -> bool:
+    """Root mode: can the filesystem of ``path`` be shown id-mapped (probed once per filesystem
+    with a throwaway user namespace; the kernel's answer, not its version)?"""
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return False
+    return _idmap_works(device, path)
+
+
+@lru_cache(maxsize=16)
+def _idmap_works(device: int, path: str) -> bool:
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # a user namespace to map through; it lives until the parent is done
+        try:
+            os.close(hold_w)
+            _syscalls().unshare(0x10000000)  # CLONE_NEWUSER
+            os.write(ready_w, b"u")
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.close(ready_w)
+        if os.read(ready_r, 1) != b"u":
+            return False
+        for name in ("uid_map", "gid_map"):  # the kernel maps only through a namespace with a map
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 {ROOT_MAP_BASE} {ROOT_MAP_SIZE}")
+        tree = idmapped_tree(path, f"/proc/{pid}/ns/user", quiet=True)
+        if tree is None:
+            return False
+        os.close(tree)
+        return True
+    finally:
+        for fd in (ready_r, hold_r, hold_w):
+            os.close(fd)
+        os.waitpid(pid, 0)
 
 
 #: Rootfs directories this process could not id-map, with the kernel's reason.
@@ -287,6 +337,8 @@ def reserve_address(
 def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:
     """Root mode: the jail runs as an unprivileged host uid; a 0700 directory it needs is a host limit."""
     for exposure in exposures:
+        if exposure.mapped:  # the jail's root owns what the host's root owns there
+            continue
         try:
             st = os.stat(exposure.source)
         except OSError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import faulthandler
 import functools
 import os
-import stat
 import time
 import traceback
 from collections.abc import Generator
@@ -32,10 +31,9 @@ from ._errors import JailUnavailableError
 from ._jail import ROOT_MAP_BASE
 from ._jail import Call
 from ._jail import Jail
-from ._jail import runtime_paths
 from ._jail import uses_root_map
-from ._linux.mounts import Exposure
 from ._linux.net import clean_stale as clean_stale_networks
+from ._places import exposures
 from ._probe import HostSupport
 from ._probe import explain
 from ._probe import probe_host
@@ -224,7 +222,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
         layers = item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and spec.rootfs is not None else None
-        jail = Jail(spec, exposures=_exposures(item, spec.rootfs, tmp, body=True), layer=layer)
+        jail = Jail(spec, exposures=exposures(item.config, spec.rootfs, tmp, body=True), layer=layer)
         item.stash[call_key] = _guard(item, jail.start_call)
         # Any kind of item (functions, unittest cases, doctests): its own runtest runs in the jail.
         item.runtest = functools.partial(_jailed_runtest, item, item.runtest)  # type: ignore[method-assign]
@@ -245,43 +243,6 @@ def _guard(item: pytest.Item, start: Any) -> Any:
     if _unavailable_policy(item.config) == "skip":
         pytest.skip(f"jail unavailable: {error}")
     raise error
-
-
-def _exposures(item: pytest.Item, rootfs: str | None, tmp: Any, *, body: bool) -> list[Exposure]:
-    """The test's temp dir (writable), and the Python runtime and rootdir (read-only) where needed.
-
-    A body needs the runtime to import and format tracebacks (in a custom rootfs only what is on
-    sys.path); a command in the host view gets it too (``jail.run([sys.executable, ...])`` must
-    work when Python lives under a 0700 ``/root``); a command in a custom rootfs gets none of it.
-    """
-    exposures = []
-    if tmp is not None:
-        path = str(tmp)
-        if uses_root_map():
-            _chown_tree(path, ROOT_MAP_BASE)
-        exposures.append(Exposure(path, path, writable=True))
-    if body or rootfs is None:
-        taken = [e.target for e in exposures]
-        for path in [*runtime_paths(imports_only=rootfs is not None), str(item.config.rootpath)]:
-            if not any(path == t or path.startswith(t + "/") for t in taken):
-                exposures.append(Exposure(path, path))
-                taken.append(path)
-    return exposures
-
-
-def _chown_tree(path: str, uid: int) -> None:
-    """Root mode: hand the test's temp dir to the jail's root (an unprivileged host uid).
-
-    Files with other hard links are left alone: the link may be a host file (``/etc/passwd``
-    linked in by a fixture) that must not change owner.
-    """
-    os.lchown(path, uid, uid)
-    for parent, dirs, files in os.walk(path):
-        for name in dirs + files:
-            entry = os.path.join(parent, name)
-            st = os.lstat(entry)
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                os.lchown(entry, uid, uid)
 
 
 def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
@@ -328,6 +289,9 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     if call.error is not None:
         raise JailSetupError("enter", call.error.get("errno"), call.error["detail"], call.error.get("path"))
     if outcome is None:
+        if budget is not None and call.last_words.startswith(b"Timeout ("):  # pytest-timeout, thread method
+            pytest.fail(f"Timeout (>{budget[0].timeout}s) from pytest-timeout: the jailed test body was stopped "
+                        f"(the session goes on){_last_words(call.last_words, 'its stacks')}", pytrace=False)
         ending = describe_status(result.returncode)
         ending = f"was {ending}" if ending.startswith("killed") else ending
         pytest.fail(f"jail: the test body {ending} before it reported an outcome{_last_words(call.last_words)}",
@@ -336,10 +300,10 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
         raise _replay.stand_in(outcome["exception"])
 
 
-def _last_words(raw: bytes) -> str:
+def _last_words(raw: bytes, title: str = "what it wrote on its way out") -> str:
     """What a dying body wrote on its way out (its traceback, faulthandler's dump), for the report."""
     text = raw.decode(errors="replace").strip()
-    return f"\n\nwhat it wrote on its way out:\n{text}" if text else ""
+    return f"\n\n{title}:\n{text}" if text else ""
 
 
 def _pause_timeout(item: pytest.Item) -> Any:
@@ -364,7 +328,7 @@ def _resume_timeout(item: pytest.Item, budget: Any, spent: float) -> None:
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # first: note when the timer starts, then let it
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
-    if item.stash.get(spec_key, None) is not None and inside_key not in item.stash:
+    if inside_key not in item.stash:  # (before setup: whether the test is jailed is not known yet)
         item.stash[timer_key] = (settings, time.monotonic())
 
 
@@ -575,7 +539,7 @@ class _GuardedJail:
         rootfs = kwargs.get("rootfs", self.spec.rootfs)
         layers = self._item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and rootfs is not None else None
-        return Jail(self.spec, exposures=_exposures(self._item, rootfs, self._tmp, body=False), layer=layer)
+        return Jail(self.spec, exposures=exposures(self._item.config, rootfs, self._tmp, body=False), layer=layer)
 
     def run(self, argv: Any, **kwargs: Any) -> JailResult:
         """:meth:`Jail.run`, in the jail of this test."""

@@ -44,11 +44,16 @@ Op = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Exposure:
-    """A host path made visible at ``target`` inside the jail."""
+    """A host path made visible at ``target`` inside the jail.
+
+    ``mapped`` (root mode): shown through an id-mapped mount, so that what the host's root owns
+    there belongs to the jail's root, and what the jail's root writes is the host root's on disk.
+    """
 
     source: str
     target: str
     writable: bool = False
+    mapped: bool = False
 
 
 def plan_mounts(
@@ -377,12 +382,20 @@ def closed_ancestors(paths: Iterable[str], *, lstat: Callable[[str], os.stat_res
 class Executor:
     """Carries out a plan made by :func:`plan_mounts`; each failure names the operation."""
 
-    def __init__(self, sys: Syscalls, sources: dict[str, int] | None = None, tree: int | None = None) -> None:
+    def __init__(
+        self,
+        sys: Syscalls,
+        sources: dict[str, int] | None = None,
+        tree: int | None = None,
+        trees: dict[str, int] | None = None,
+    ) -> None:
         self.sys = sys
         self.tree = tree
         # Bind sources the parent opened (O_PATH) before the fork: reached through
         # /proc/self/fd, they need no search permission on their ancestors (``/root`` is 0700).
         self.sources = sources or {}
+        # Mapped exposures: detached id-mapped trees the parent made (root mode), by host path.
+        self.trees = trees or {}
 
     def run(self, plan: Iterable[Op]) -> None:
         for op in plan:
@@ -392,7 +405,11 @@ class Executor:
         self.sys.mount(source, target, fstype, flags, data)
 
     def bind(self, source: str, target: str, recursive: bool) -> None:
-        fd = self.sources.get(source[len(OLD):] if source.startswith(OLD + "/") else source)
+        host = source[len(OLD):] if source.startswith(OLD + "/") else source
+        if host in self.trees:
+            self.sys.attach_tree(self.trees[host], target)
+            return
+        fd = self.sources.get(host)
         if fd is not None:
             source = f"{OLD}/proc/self/fd/{fd}"
         self.sys.mount(source, target, None, MS_BIND | (MS_REC if recursive else 0), None)

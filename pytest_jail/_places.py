@@ -1,0 +1,112 @@
+"""What of the host a jailed test sees besides the host view: its session's temporary
+directories, the Python runtime and the rootdir, and the places its ecosystem writes.
+
+Decided in pytest's process before a jail is built; the objects come from pytest (its config,
+its temporary path factory, its cache) but are only read here, so this module needs no pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from typing import Any
+
+from ._linux.mounts import Exposure
+from ._view import ROOT_MAP_BASE
+from ._view import idmap_works
+from ._view import runtime_paths
+from ._view import uses_root_map
+
+
+def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[Exposure]:
+    """The test's own temp dir (writable) inside its session's base temp dir (read-only, so what a
+    session fixture prepared there can be read), the places the ecosystem writes (a body's
+    hypothesis database, pytest's cache), and the runtime and rootdir (read-only) where needed.
+
+    A body needs the runtime to import and format tracebacks (in a custom rootfs only what is on
+    sys.path); a command in the host view gets it too (``jail.run([sys.executable, ...])`` must
+    work when Python lives under a 0700 ``/root``); a command in a custom rootfs gets none of it.
+
+    As root, the jail's root is an unprivileged host uid: these places are shown id-mapped (the
+    host root's files there are the jail root's), or, where the filesystem cannot be id-mapped,
+    the test's temp dir is handed to the jail's root and the rest is not shown.
+    """
+    root_map = uses_root_map()
+    found: list[Exposure] = []
+
+    def add(path: str, writable: bool) -> None:
+        mapped = root_map and idmap_works(path)
+        if root_map and not mapped:
+            if path != tmp_path:
+                return
+            _chown_tree(path, ROOT_MAP_BASE)
+        found.append(Exposure(path, path, writable=writable, mapped=mapped))
+
+    tmp_path = None if tmp is None else str(tmp)
+    base = basetemp(config)
+    if base is not None:
+        add(base, False)
+    if tmp_path is not None:
+        add(tmp_path, True)
+    if body:
+        for path in ecosystem_dirs(config):
+            add(path, True)
+    if body or rootfs is None:
+        taken = [e.target for e in found]
+        for path in [*runtime_paths(imports_only=rootfs is not None), str(config.rootpath)]:
+            if not any(path == t or path.startswith(t + "/") for t in taken):
+                found.append(Exposure(path, path))
+                taken.append(path)
+    return found
+
+
+def basetemp(config: Any) -> str | None:
+    """The session's base temporary directory, if the session made one (never made here)."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    made = getattr(factory, "_basetemp", None)
+    return str(made) if made is not None and os.path.isdir(made) else None
+
+
+def ecosystem_dirs(config: Any) -> list[str]:
+    """Directories the test ecosystem writes to from a test body, made as their owners make them:
+    hypothesis's example database (its home, ``.hypothesis``), pytest's cache (``cache.set``)."""
+    found = []
+    hypothesis = sys.modules.get("hypothesis.configuration")
+    if hypothesis is not None:
+        try:
+            home = hypothesis.storage_directory("examples", intent_to_write=False)
+            home.create_if_missing()
+            found.append(str(home.home_directory))
+        except (AttributeError, TypeError, OSError):  # another hypothesis: its own path, as a Path
+            try:
+                path = hypothesis.storage_directory("examples")
+                path.mkdir(parents=True, exist_ok=True)
+                found.append(str(path.parent))
+            except (AttributeError, TypeError, OSError):
+                pass
+    cache = getattr(config, "cache", None)
+    cachedir = getattr(cache, "_cachedir", None)
+    if cache is not None and cachedir is not None:
+        try:
+            cache._ensure_cache_dir_and_supporting_files()
+            found.append(str(cachedir))
+        except (AttributeError, OSError):
+            pass
+    return [os.path.realpath(p) for p in found if os.path.isdir(p)]
+
+
+def _chown_tree(path: str, uid: int) -> None:
+    """Root mode, where the filesystem cannot be id-mapped: hand the test's temp dir to the jail's
+    root (an unprivileged host uid).
+
+    Files with other hard links are left alone: the link may be a host file (``/etc/passwd``
+    linked in by a fixture) that must not change owner.
+    """
+    os.lchown(path, uid, uid)
+    for parent, dirs, files in os.walk(path):
+        for name in dirs + files:
+            entry = os.path.join(parent, name)
+            st = os.lstat(entry)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                os.lchown(entry, uid, uid)
