@@ -15,8 +15,11 @@ from functools import lru_cache
 from typing import Any
 
 from ._errors import JailUnavailableError
+from ._linux.mounts import CGROUP_ROOT
 from ._linux.mounts import OLD
+from ._linux.mounts import CgroupMount
 from ._linux.mounts import Exposure
+from ._linux.mounts import cgroup_mounts
 from ._linux.mounts import closed_ancestors
 from ._linux.mounts import plan_mounts
 from ._linux.net import Attachment
@@ -106,12 +109,13 @@ def plan_for(
         hidden = tuple(h for h in hidden if not any(_is_under(h, b) or _is_under(b, h) for b in binds))
         exposures = exposures + tuple(r for r in revealed if all(e.target != r.target for e in exposures))
         resolv = _resolv_conf("/") if record and "/etc/resolv.conf" not in binds else None
-        return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden, resolv)
+        return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden, resolv,
+                            host_cgroups(view))
     resolv = _resolv_conf(rootfs) if record and "/etc/resolv.conf" not in binds else None
     # Mount points are made while the host is still in view: a symlink in the rootfs must not
     # lead them there, so each target is first resolved as the jail will see it.
     exposures = tuple(Exposure(e.source, resolve_in_root(rootfs, e.target), e.writable) for e in exposures)
-    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv)
+    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv, host_cgroups(view))
 
 
 def resolve_in_root(root: str, path: str) -> str:
@@ -162,11 +166,26 @@ def _cached_plan(
     scratch: tuple[tuple[str, str], ...],
     hidden: tuple[str, ...],
     resolv: str | None,
+    cgroups: tuple[CgroupMount, ...],
 ) -> list[Any]:
     return plan_mounts(
         rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
-        resolv=resolv,
+        resolv=resolv, cgroups=cgroups,
     )
+
+
+@lru_cache(maxsize=4)
+def host_cgroups(view: int) -> tuple[CgroupMount, ...]:
+    """The cgroup filesystems this process sees under /sys/fs/cgroup (per mount namespace)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+        names = os.listdir(CGROUP_ROOT)
+    except OSError:
+        return ()
+    paths = {n: os.path.join(CGROUP_ROOT, n) for n in names}
+    links = {n: os.readlink(p) for n, p in paths.items() if os.path.islink(p)}
+    return cgroup_mounts(mountinfo, links)
 
 
 #: Where a host keeps live sockets (a read-only bind does not stop ``connect()`` to a UNIX

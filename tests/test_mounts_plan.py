@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import stat
 
+from pytest_jail._linux.mounts import CgroupMount
 from pytest_jail._linux.mounts import Exposure
+from pytest_jail._linux.mounts import cgroup_mounts
 from pytest_jail._linux.mounts import closed_ancestors
 from pytest_jail._linux.mounts import plan_mounts
+from pytest_jail._linux.syscalls import MS_NODEV
+from pytest_jail._linux.syscalls import MS_NOEXEC
+from pytest_jail._linux.syscalls import MS_NOSUID
+from pytest_jail._linux.syscalls import MS_RDONLY
 
 
 def _verbs(plan: list[tuple]) -> list[str]:
@@ -152,3 +158,45 @@ def test_new_top_level_bind_shadows_root_without_the_hosts_proc_dev_tmp() -> Non
     assert plan.index("mount tmpfs /newroot tmpfs mode=0755") < plan.index("mount proc /newroot/proc proc")
     assert "mount tmpfs /newroot/root tmpfs mode=0755" in plan  # masked after being re-bound
     assert plan.index("mount tmpfs /newroot/root tmpfs mode=0755") < plan.index("bind /oldroot/root/.pyenv/py /newroot/root/.pyenv/py")
+
+
+HYBRID_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+50 23 0:40 / /mnt/other rw,relatime - cgroup cgroup rw,pids
+"""
+
+
+def test_cgroup_mounts_of_a_hybrid_host() -> None:
+    """Each cgroup filesystem under /sys/fs/cgroup, with its controllers, and the symlinks there."""
+    found = cgroup_mounts(HYBRID_MOUNTINFO, {"cpu": "cpu,cpuacct"})
+    assert found == (
+        CgroupMount("cpu,cpuacct", "cgroup", "cpu,cpuacct"),
+        CgroupMount("memory", "cgroup", "memory"),
+        CgroupMount("systemd", "cgroup", "xattr,name=systemd"),
+        CgroupMount("unified", "cgroup2", ""),
+        CgroupMount("cpu", link="cpu,cpuacct"),
+    )
+
+
+def test_jail_mounts_its_own_cgroups_read_only() -> None:
+    """A hybrid host's hierarchies are mounted again under a read-only tmpfs; a pure v2 host's
+    cgroup2 over /sys/fs/cgroup; a refusal leaves the place empty rather than failing the jail."""
+    ops = plan_mounts(None, [], cgroups=cgroup_mounts(HYBRID_MOUNTINFO, {"cpu": "cpu,cpuacct"}), )
+    root = "/newroot/sys/fs/cgroup"
+    at = ops.index(("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=0"))
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+    assert ops[at + 1:at + 10] == [
+        ("mkdir", f"{root}/cpu,cpuacct"), ("optional_mount", "cgroup", f"{root}/cpu,cpuacct", "cgroup", flags, "cpu,cpuacct"),
+        ("mkdir", f"{root}/memory"), ("optional_mount", "cgroup", f"{root}/memory", "cgroup", flags, "memory"),
+        ("mkdir", f"{root}/systemd"), ("optional_mount", "cgroup", f"{root}/systemd", "cgroup", flags, "xattr,name=systemd"),
+        ("mkdir", f"{root}/unified"), ("optional_mount", "cgroup2", f"{root}/unified", "cgroup2", flags, None),
+        ("symlink", "cpu,cpuacct", f"{root}/cpu"),
+    ]
+    assert ops[at + 10] == ("readonly", root, False)
+    v2 = plan_mounts(None, [], cgroups=cgroup_mounts("9 1 0:2 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", {}), )
+    assert ("optional_mount", "cgroup2", root, "cgroup2", flags, None) in v2
+    assert not any(op[2] == root for op in plan_mounts(None, [], ) if op[0] in ("mount", "optional_mount"))

@@ -66,6 +66,7 @@ def plan_mounts(
     scratch: Sequence[tuple[str, str]] = (),
     hidden: Sequence[str] = (),
     resolv: str | None = None,
+    cgroups: Sequence[CgroupMount] = (),
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -88,6 +89,8 @@ def plan_mounts(
         of blocked attempts (``None``: leave it).
     :param closed: host directories the jail's user cannot search (root mode); one on the way to an
         exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
+    :param cgroups: the host's cgroup filesystems under ``/sys/fs/cgroup`` (:func:`cgroup_mounts`),
+        mounted again in the jail's own cgroup namespace, so the jail reads its own limits there.
     """
     ops: list[Op] = [
         # Propagation first: nothing we mount may leak back to the host (mount_namespaces(7)).
@@ -125,6 +128,7 @@ def plan_mounts(
     _plan_proc(ops, exists, isdir)
     _plan_dev(ops, size)
     _plan_sys(ops, exists, resolv)
+    _plan_cgroups(ops, cgroups)
     tree.tmpfs("/tmp", "mode=1777" + size)
     for exposure in in_fresh:
         tree.expose(exposure)
@@ -205,6 +209,65 @@ def _plan_sys(ops: list[Op], exists: Callable[[str], bool], resolv: str | None) 
         ("mount", "tmpfs", NEW + HIDDEN_PROC, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
          "mode=0000,size=0"),
     ]
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One cgroup filesystem of the host under ``/sys/fs/cgroup``: ``path`` is relative to it
+    (``""`` for a pure cgroup v2 host, ``"memory"``...), ``fstype`` is ``cgroup`` or ``cgroup2``,
+    ``options`` its own (``memory``, ``xattr,name=systemd``); a symlink has ``link``."""
+
+    path: str
+    fstype: str = "cgroup2"
+    options: str = ""
+    link: str | None = None
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def cgroup_mounts(mountinfo: str, links: dict[str, str]) -> tuple[CgroupMount, ...]:
+    """The cgroup filesystems mounted under ``/sys/fs/cgroup`` in ``mountinfo`` (proc(5)), and the
+    symlinks there (``cpu -> cpu,cpuacct``): what a container shows as its own."""
+    found = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 10:
+            continue
+        dash = fields.index("-")
+        point, fstype, options = fields[4], fields[dash + 1], fields[dash + 3]
+        if fstype not in ("cgroup", "cgroup2") or not (point == CGROUP_ROOT or point.startswith(CGROUP_ROOT + "/")):
+            continue
+        path = point[len(CGROUP_ROOT):].lstrip("/")
+        if fstype == "cgroup2":
+            found.append(CgroupMount(path))
+            continue
+        # An existing v1 hierarchy is mounted again with its own options (a mismatch is EBUSY).
+        found.append(CgroupMount(path, "cgroup", ",".join(o for o in options.split(",") if o not in ("rw", "ro"))))
+    found += [CgroupMount(name, link=target) for name, target in sorted(links.items())]
+    return tuple(found)
+
+
+def _plan_cgroups(ops: list[Op], cgroups: Sequence[CgroupMount]) -> None:
+    """The jail's own cgroups at /sys/fs/cgroup, read-only, as a container shows them: mounted in
+    its cgroup namespace, their root is the jail's own group, its limits are at the top. A host
+    whose cgroups cannot be mounted here (a container's policy) leaves the place empty."""
+    if not cgroups:
+        return
+    root = NEW + CGROUP_ROOT
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+    if any(c.path == "" for c in cgroups):  # pure cgroup v2
+        ops.append(("optional_mount", "cgroup2", root, "cgroup2", flags, None))
+        return
+    ops.append(("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=0"))
+    for mount in cgroups:
+        if mount.link is not None:
+            ops.append(("symlink", mount.link, f"{root}/{mount.path}"))
+        else:
+            target = f"{root}/{mount.path}"
+            ops.append(("mkdir", target))
+            ops.append(("optional_mount", mount.fstype, target, mount.fstype, flags, mount.options or None))
+    ops.append(("readonly", root, False))
 
 
 def _plan_dev(ops: list[Op], size: str) -> None:
@@ -403,6 +466,13 @@ class Executor:
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
         self.sys.mount(source, target, fstype, flags, data)
+
+    def optional_mount(self, source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+        """A mount the jail can do without (a container may refuse cgroup filesystems)."""
+        try:
+            self.sys.mount(source, target, fstype, flags, data)
+        except OSError:
+            pass
 
     def bind(self, source: str, target: str, recursive: bool) -> None:
         host = source[len(OLD):] if source.startswith(OLD + "/") else source
