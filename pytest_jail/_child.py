@@ -9,6 +9,7 @@ and the process that enters a jail never return into the caller's stack: each en
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import select
@@ -332,7 +333,20 @@ def _spawn_command(launch: Launch) -> int:
                 setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot run {launch.argv[0]!r}: {exc.strerror}", exc.filename) from None
+            raise _cannot_run(launch.argv[0], exc, env.get("PATH", os.defpath)) from None
+
+
+def _cannot_run(program: str, exc: OSError, path: str) -> OSError:
+    """Why ``program`` did not start, in words: a name found nowhere on PATH is "not found" even
+    where a directory of PATH was closed to the jail (execvp then says EACCES)."""
+    if "/" not in program and exc.errno in (errno.ENOENT, errno.EACCES):
+        places = [d or "." for d in path.split(":")]
+        if not any(os.path.exists(os.path.join(d, program)) for d in places):
+            hint = ""
+            if program.split() != [program]:
+                hint = f"; argv is a list of words, as with shell=False: {program.split()!r}"
+            return OSError(errno.ENOENT, f"cannot run {program!r}: no such program on PATH ({path}){hint}")
+    return OSError(exc.errno, f"cannot run {program!r}: {exc.strerror}", exc.filename)
 
 
 def _inheritable(fd: int) -> bool:

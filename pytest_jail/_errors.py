@@ -6,6 +6,8 @@
     ├── JailConfigError (ValueError)          a bad marker, ini or CLI value; names its source
     ├── JailUnavailableError                  this host cannot provide a feature; reason + remedy
     ├── JailSetupError (OSError)              a setup step failed; names the step and the path
+    │                                         (with ENOENT also a FileNotFoundError, with EACCES or
+    │                                         EPERM a PermissionError, as OSError itself maps them)
     ├── JailTimeoutError (TimeoutError)       the wall-clock limit killed the jail
     └── JailProcessError (subprocess.CalledProcessError)   a command failed; carries .result
 
@@ -15,6 +17,7 @@ processes).
 
 from __future__ import annotations
 
+import errno as _errno
 import subprocess
 from typing import TYPE_CHECKING
 from typing import Any
@@ -44,7 +47,13 @@ class JailUnavailableError(JailError):
 
 
 class JailSetupError(JailError, OSError):
-    """A step of building the jail failed."""
+    """A step of building the jail failed (``jail.run(["no-such-program"])`` included)."""
+
+    def __new__(cls, step: str, errno: int | None, detail: str, path: str | None = None) -> JailSetupError:
+        if cls is JailSetupError:  # as OSError(ENOENT, ...) is a FileNotFoundError
+            cls = _BY_ERRNO.get(errno or 0, cls)
+        made: JailSetupError = OSError.__new__(cls, errno, detail)
+        return made
 
     def __init__(self, step: str, errno: int | None, detail: str, path: str | None = None) -> None:
         OSError.__init__(self, errno, detail)
@@ -58,6 +67,22 @@ class JailSetupError(JailError, OSError):
     def __str__(self) -> str:
         where = f" ({self.path})" if self.path else ""
         return f"jail setup failed at step {self.step!r}{where}: {self.detail}"
+
+    def __repr__(self) -> str:
+        return f"JailSetupError({self.step!r}, {self.errno!r}, {self.detail!r}, {self.path!r})"
+
+
+class _SetupNotFound(JailSetupError, FileNotFoundError):
+    """A :class:`JailSetupError` with ENOENT (a program that is not there)."""
+
+
+class _SetupPermission(JailSetupError, PermissionError):
+    """A :class:`JailSetupError` with EACCES or EPERM."""
+
+
+_BY_ERRNO: dict[int, type[JailSetupError]] = {
+    _errno.ENOENT: _SetupNotFound, _errno.EACCES: _SetupPermission, _errno.EPERM: _SetupPermission,
+}
 
 
 class JailTimeoutError(JailError, TimeoutError):

@@ -41,6 +41,7 @@ from ._linux.syscalls import CLONE_NEWNET
 from ._process import JailProcess
 from ._result import JailResult
 from ._spec import JailSpec
+from ._spec import format_size
 from ._view import ROOT_MAP_BASE
 from ._view import ROOT_MAP_SIZE
 from ._view import bind_sources
@@ -82,6 +83,7 @@ class _Run:
     init_pid: int = 0  # the host pid of the jail's init
     killed: bool = False  # killed on purpose (JailProcess.kill), not by a limit
     launch: _child.Launch | None = None  # what the child side was given (a body enters with it)
+    memory: int | None = None  # its memory limit
 
     def __post_init__(self) -> None:
         _RUNNING.add(self)
@@ -329,7 +331,8 @@ class Jail:
             raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
         for fd in (status_w, control_r):
             os.close(fd)
-        run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment, launch=launch)
+        run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment, launch=launch,
+                   memory=spec.memory)
         try:
             if root_map:
                 self._write_root_map(run, rootfs)
@@ -488,6 +491,12 @@ class Jail:
         return None
 
     def _raise_setup_error(self, run: _Run) -> None:
+        if run.usage is not None and run.usage.oom_kills > 0:
+            limit = "" if run.memory is None else f" ({format_size(run.memory)})"
+            raise JailSetupError(
+                "memory limit", errno.ENOMEM, f"the OOM killer killed the jail while it was being built: its "
+                f"memory limit{limit} is too small for the jail itself; give it more (a test body, a fork of "
+                "pytest, needs some megabytes more than a command)")
         for message in run.messages:
             if message["kind"] == "error":
                 raise _setup_error(message)

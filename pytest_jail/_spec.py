@@ -26,10 +26,10 @@ ROOTFS_MOUNTPOINTS = ("proc", "dev", "tmp", "sys")
 def parse_size(value: object) -> int:
     """``"64M"`` -> 67108864; bytes as ``int`` pass through. Units are powers of 1024."""
     if isinstance(value, bool):
-        raise ValueError("a size, not a bool")
+        raise ValueError("a size like 512k, 64M, 1G or a number of bytes, not a bool")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError("a size must be positive")
+            raise ValueError("a positive size like 512k, 64M, 1G or a number of bytes")
         return value
     match = _SIZE.match(str(value))
     if not match:
@@ -37,7 +37,22 @@ def parse_size(value: object) -> int:
     number, unit = match.groups()
     size = int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
     if size <= 0:
-        raise ValueError("a size must be positive")
+        raise ValueError("a positive size like 512k, 64M, 1G or a number of bytes")
+    return size
+
+
+#: The least memory a jail is given: what a jail itself needs to be built (its helper and init
+#: are forks of the caller, their page tables count); a test body needs some megabytes more.
+MIN_MEMORY = 4 << 20
+
+
+def _memory_limit(value: object) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError:
+        size = 0
+    if size < MIN_MEMORY:
+        raise ValueError(f"a size of at least {format_size(MIN_MEMORY)} (what a jail itself needs), like 64M or 1G")
     return size
 
 
@@ -136,7 +151,7 @@ class JailSpec:
                 "'bridge:NAME' (NAME: letters, digits, '-' and '_')"
             )
         if self.memory is not None:
-            set_(self, "memory", _convert("memory", self.memory, parse_size))
+            set_(self, "memory", _convert("memory", self.memory, _memory_limit))
         if self.tmpfs is not None:
             set_(self, "tmpfs", _convert("tmpfs", self.tmpfs, parse_size))
         if self.io is not None:

@@ -20,6 +20,10 @@ from .rootfs._build import Lines
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("say what to do: doctor, or rootfs")  # its usage, on stderr, and exit status 2
+    if args.command == "rootfs" and args.kind is None:
+        args.rootfs_parser.error("say which kind: busybox, debootstrap or import")
     if args.command == "doctor":
         support = probe_host()
         print(support.summary())
@@ -35,8 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("pytest-jail: interrupted; nothing was left half-built", file=sys.stderr)
             return 130
-    parser.print_help()
-    return 0
+    raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover - argparse knows them all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build a tree to use as rootfs=DIR. Each builder is idempotent: building the same "
         "recipe into a tree it made does nothing; another recipe replaces it in one swap.",
     )
+    rootfs.set_defaults(rootfs_parser=rootfs)
     kinds = rootfs.add_subparsers(dest="kind", metavar="KIND")
     bb = kinds.add_parser("busybox", help="a small tree from a static busybox (package busybox-static)")
     bb.add_argument("dir", nargs="?", help=f"where to build it (default: the cache behind rootfs='busybox', "

@@ -49,7 +49,8 @@ from .rootfs._build import remove_tree
 # (option, ini name, spec field, help)
 _OPTIONS = (
     ("--jail-rootfs", "jail_rootfs", "rootfs", "default rootfs of jails: a directory used as /"),
-    ("--jail-net", "jail_net", "net", "default network of jails: none or host"),
+    ("--jail-net", "jail_net", "net", "default network of jails: none (the default: a network of its own), host, "
+     "bridge or bridge:NAME (a segment of a bridge on the host; root)"),
     ("--jail-timeout", "jail_timeout", "timeout", "default wall-clock limit of jails, in seconds"),
     ("--jail-memory", "jail_memory", "memory", "default memory limit of jails (swap included), e.g. 256M"),
     ("--jail-cpus", "jail_cpus", "cpus", "default CPU bandwidth of jails, in cores, e.g. 0.5"),
@@ -117,10 +118,12 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
     set_budget(_memory_total(config))
+    for name in ("jail_all", "jail_keep_failed"):
+        _ini_bool(config, name)  # a bad value stops pytest here, in one line
     config.pluginmanager.register(_BodyReport(), "jail-body-report")
     if config.option.jail_report:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
-    if config.option.jail_keep_failed or config.getini("jail_keep_failed"):
+    if config.option.jail_keep_failed or _ini_bool(config, "jail_keep_failed"):
         config.pluginmanager.register(_KeptLayers(), "jail-keep-failed")
     clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
     if uses_root_map():
@@ -131,6 +134,16 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"{_unavailable_source(config)}: {_unavailable_policy(config)!r} is not allowed; allowed: fail, skip"
         )
+
+
+def _ini_bool(config: pytest.Config, name: str) -> bool:
+    try:
+        return bool(config.getini(name))
+    except (ValueError, pytest.UsageError) as exc:  # pytest 8, pytest 9: "invalid truth value 'maybe'"
+        shown = str(exc).removeprefix("invalid truth value ")
+        raise pytest.UsageError(
+            f"ini {name} ({config.inipath}): {shown} is not valid; allowed: true or false (also 1/0, yes/no, on/off)"
+        ) from None
 
 
 def _layers(config: pytest.Config) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -191,7 +204,7 @@ def _item_spec(item: pytest.Item) -> JailSpec | None:
         if marker is not None:
             raise JailConfigError(f"{item.nodeid} has both the jail and the nojail marker; keep one")
         return None  # asked for by name: runs in pytest's process, as without the plugin
-    jail_all = item.config.option.jail_all or item.config.getini("jail_all")
+    jail_all = item.config.option.jail_all or _ini_bool(item.config, "jail_all")
     if marker is None and not jail_all:
         return None
     spec = item.config.stash[base_spec_key]
@@ -390,9 +403,11 @@ def pytest_runtest_makereport(
             if result is not None and report.failed and (result.oom_killed or result.pids_limit_hit):
                 report.longrepr = _Headed(f"jail: {result.verdict()}", report.longrepr)  # type: ignore[assignment]
         _note_blocked(report, result)
+        _note_network(report, item.stash.get(spec_key, None), result)
     if call.excinfo is not None and report.failed and isinstance(call.excinfo.value, JailError):
         error = call.excinfo.value
-        report.longrepr = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}: {error}"
+        public = next(c for c in type(error).__mro__ if not c.__name__.startswith("_"))
+        report.longrepr = f"pytest_jail.{public.__name__}: {error}"
     return report
 
 
@@ -406,6 +421,26 @@ def _note_blocked(report: pytest.TestReport, result: JailResult | None) -> None:
     report.sections.append(("jail: network access blocked", "\n".join(result.blocked)))
     if report.failed:
         report.longrepr = _Headed(f"jail: {line}", report.longrepr)  # type: ignore[assignment]
+
+
+#: How a refused connection reads in a failure (Python, and the C library's words).
+_REFUSED = ("ConnectionRefusedError", "Connection refused", "ECONNREFUSED")
+
+
+def _note_network(report: pytest.TestReport, spec: JailSpec | None, result: JailResult | None) -> None:
+    """A jailed test whose connection was refused learns in one line which network it had: a
+    server on the host's loopback (a fixture's) is not in a network of its own."""
+    if not report.failed or spec is None or spec.net == "host" or (result is not None and result.blocked):
+        return
+    text = str(report.longrepr) + "".join(content for _, content in report.sections)
+    if not any(word in text for word in _REFUSED):
+        return
+    own = "its own loopback only" if spec.net == "none" else f"its segment {spec.net!r} only"
+    report.longrepr = _Headed(  # type: ignore[assignment]
+        f"jail: this test had net={spec.net!r} ({own}): a server on the host's loopback, a fixture's "
+        "included, is out of its reach; use net='host', or start the server in the test body",
+        report.longrepr,
+    )
 
 
 class _Headed:

@@ -159,7 +159,7 @@ def test_limits_from_cli_and_ini(jailed_pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["jail: killed by the OOM killer (memory limit 64M, peak 64M)"])
     result = jailed_pytester.runpytest_subprocess("--jail-all", "--jail-memory=lots")
-    result.stderr.fnmatch_lines(["ERROR: --jail-memory: memory='lots' is not valid; allowed: a size like*"])
+    result.stderr.fnmatch_lines(["ERROR: --jail-memory: memory='lots' is not valid; allowed: a size of at least 4M*"])
 
 
 def test_jail_report_lists_the_heaviest_tests(jailed_pytester: pytest.Pytester) -> None:

@@ -47,7 +47,10 @@ def test_defaults() -> None:
         ({"timeout": -1}, "marker on t: timeout=-1 is not valid; allowed: a positive number"),
         ({"net": "wifi"}, "marker on t: net='wifi' is not a network mode; allowed: 'none', 'host', 'bridge', 'bridge:NAME' (NAME: letters, digits, '-' and '_')"),
         ({"pids": 0}, "marker on t: pids=0 is not valid; allowed: a positive whole number"),
-        ({"memory": "lots"}, "marker on t: memory='lots' is not valid; allowed: a size like 512k, 64M"),
+        ({"memory": "lots"}, "marker on t: memory='lots' is not valid; allowed: a size of at least 4M (what a jail itself needs), like 64M or 1G"),
+        ({"memory": "10"}, "marker on t: memory='10' is not valid; allowed: a size of at least 4M"),
+        ({"memory": "1.5"}, "marker on t: memory='1.5' is not valid; allowed: a size of at least 4M"),
+        ({"tmpfs": 0}, "marker on t: tmpfs=0 is not valid; allowed: a positive size like 512k, 64M, 1G or a number of bytes"),
         ({"hostname": "bad name"}, "marker on t: hostname='bad name' is not valid"),
         ({"env": {"A": 1}}, "marker on t: env={'A': 1} is not valid; allowed: a dict of str to str"),
         ({"colour": "red"}, "marker on t: unknown argument 'colour'; allowed: rootfs, net"),
@@ -100,7 +103,7 @@ def test_spec_is_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         spec.net = "host"  # type: ignore[misc]
     assert spec.limits == {}
-    assert JailSpec(pids=5, memory="1M").limits == {"memory": 1 << 20, "pids": 5}
+    assert JailSpec(pids=5, memory="8M").limits == {"memory": 8 << 20, "pids": 5}
 
 
 def test_io_limits() -> None:

@@ -14,13 +14,16 @@ extracts, and set-uid bits are then dropped.
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,26 +57,39 @@ def build(tarball: str, target: str, *, progress: Progress = quiet) -> bool:
     wanted = {"kind": "image", "sha256": _digest(tarball), "format": 1}
     if is_current(target, wanted):
         return False
-    with building(target, wanted, mode=0o700 if os.geteuid() == 0 else 0o755) as tree, _open(tarball) as outer:
-        layers = _layers(tarball, outer)
-        writer = _Writer(tree, privileged=os.geteuid() == 0)
-        try:
-            for number, layer in enumerate(layers, 1):
-                where = f"{os.path.basename(tarball)}: {layer.name}" if layer.member else os.path.basename(tarball)
-                progress(f"layer {number}/{len(layers)}: {layer.name}")
-                if layer.member:
-                    raw = outer.extractfile(layer.member)
-                    if raw is None:
-                        raise JailConfigError(f"{where}: the layer is not a file in the archive")
-                    with _open_stream(raw, where) as inner:
-                        writer.apply(inner, where)
-                else:
-                    writer.apply(outer, where)
-        finally:
-            writer.close()
-        if writer.skipped_devices:
-            progress(f"skipped {writer.skipped_devices} device node(s): a jail gets a fresh /dev")
+    try:
+        with building(target, wanted, mode=0o700 if os.geteuid() == 0 else 0o755) as tree, _open(tarball) as outer:
+            _import(tarball, tree, outer, progress)
+    except _BROKEN as exc:  # a truncated or corrupt archive, found part way (nothing is left half-built)
+        raise JailConfigError(f"{tarball}: a broken archive ({type(exc).__name__}: {exc}); give docker "
+                              "export or docker save output, or an OCI layout, whole") from None
     return True
+
+
+#: How a truncated or corrupt archive fails while it is read (gzip.BadGzipFile is an OSError).
+_BROKEN = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
+def _import(tarball: str, tree: str, outer: tarfile.TarFile, progress: Progress) -> None:
+    """Apply the layers of an opened archive to ``tree``, bottom first."""
+    layers = _layers(tarball, outer)
+    writer = _Writer(tree, privileged=os.geteuid() == 0)
+    try:
+        for number, layer in enumerate(layers, 1):
+            where = f"{os.path.basename(tarball)}: {layer.name}" if layer.member else os.path.basename(tarball)
+            progress(f"layer {number}/{len(layers)}: {layer.name}")
+            if layer.member:
+                raw = outer.extractfile(layer.member)
+                if raw is None:
+                    raise JailConfigError(f"{where}: the layer is not a file in the archive")
+                with _open_stream(raw, where) as inner:
+                    writer.apply(inner, where)
+            else:
+                writer.apply(outer, where)
+    finally:
+        writer.close()
+    if writer.skipped_devices:
+        progress(f"skipped {writer.skipped_devices} device node(s): a jail gets a fresh /dev")
 
 
 def _digest(path: str) -> str:
@@ -88,8 +104,9 @@ def _digest(path: str) -> str:
 def _open(path: str) -> Iterator[tarfile.TarFile]:
     try:
         archive = tarfile.open(path, "r:*")
-    except tarfile.TarError as exc:
-        raise JailConfigError(f"{path}: not a tar archive ({exc}); give docker export or docker save output") from None
+    except _BROKEN:
+        raise JailConfigError(f"{path}: not a tar archive (plain, gzip, bzip2 or xz); give docker export or "
+                              "docker save output, or an OCI layout") from None
     with archive:
         yield archive
 
@@ -102,8 +119,8 @@ def _open_stream(raw: IO[bytes], where: str) -> Iterator[tarfile.TarFile]:
         raise JailConfigError(f"{where}: the layer is compressed with zstd, which this Python cannot read")
     try:
         archive = tarfile.open(fileobj=raw, mode="r:*")
-    except tarfile.TarError as exc:
-        raise JailConfigError(f"{where}: the layer is not a tar archive ({exc})") from None
+    except _BROKEN:
+        raise JailConfigError(f"{where}: the layer is not a tar archive (plain, gzip, bzip2 or xz)") from None
     with archive:
         yield archive
 
