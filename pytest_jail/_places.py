@@ -7,9 +7,14 @@ its temporary path factory, its cache) but are only read here, so this module ne
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
+import uuid
 from typing import Any
 
 from ._linux.mounts import Exposure
@@ -94,6 +99,53 @@ def ecosystem_dirs(config: Any) -> list[str]:
         except (AttributeError, OSError):
             pass
     return [os.path.realpath(p) for p in found if os.path.isdir(p)]
+
+
+class SubprocessCoverage:
+    """Coverage data of Python programs a ``jail.run`` command starts, where coverage's subprocess
+    support is configured (``patch = subprocess``, or ``COVERAGE_PROCESS_START``): they write it to
+    a directory of their own, and it is moved where coverage combines parallel data (pytest-cov's
+    combine step), since the project tree is read-only in a jail."""
+
+    def __init__(self, directory: str, data_file: str) -> None:
+        self.directory = directory
+        self.data_file = data_file
+        self.exposure = Exposure(directory, directory, writable=True, mapped=uses_root_map())
+
+    @classmethod
+    def wanted(cls, env: Any, config: Any) -> SubprocessCoverage | None:
+        if not ({"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"} & set(env)) or "coverage" not in sys.modules:
+            return None
+        cov = sys.modules["coverage"].Coverage.current()
+        base = basetemp(config) or getattr(getattr(config, "_tmp_path_factory", None), "getbasetemp", lambda: None)()
+        if cov is None or base is None:
+            return None
+        directory = tempfile.mkdtemp(prefix="jail-coverage-", dir=str(base))
+        os.chmod(directory, 0o777)  # whoever the jail's user is, as root mode fallback too
+        return cls(directory, os.path.abspath(cov.config.data_file))
+
+    def environ(self, env: Any) -> dict[str, str]:
+        """``env`` with coverage's data file in the directory: ``COVERAGE_FILE`` for a config file
+        (``COVERAGE_PROCESS_START``), and in the serialized config that ``patch = subprocess``
+        passes (``COVERAGE_PROCESS_CONFIG``, base64 of JSON), which ``COVERAGE_FILE`` does not reach."""
+        data_file = os.path.join(self.directory, ".coverage")
+        changed = {**env, "COVERAGE_FILE": data_file}
+        if "COVERAGE_PROCESS_CONFIG" in env:
+            try:
+                config = json.loads(base64.b64decode(env["COVERAGE_PROCESS_CONFIG"]))
+                config["data_file"] = data_file
+                changed["COVERAGE_PROCESS_CONFIG"] = base64.b64encode(json.dumps(config).encode()).decode()
+            except ValueError:  # another coverage's format: its programs write where they would
+                pass
+        return changed
+
+    def collect(self) -> None:
+        """Move what the programs wrote next to the data file, as parallel data to combine."""
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith(".coverage"):
+                os.replace(os.path.join(self.directory, name),
+                           f"{self.data_file}.pytest-jail.{os.getpid()}.{uuid.uuid4().hex[:12]}")
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _chown_tree(path: str, uid: int) -> None:

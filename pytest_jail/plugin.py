@@ -33,6 +33,7 @@ from ._jail import Call
 from ._jail import Jail
 from ._jail import uses_root_map
 from ._linux.net import clean_stale as clean_stale_networks
+from ._places import SubprocessCoverage
 from ._places import exposures
 from ._probe import HostSupport
 from ._probe import explain
@@ -577,9 +578,19 @@ class _GuardedJail:
         return Jail(self.spec, exposures=exposures(self._item.config, rootfs, self._tmp, body=False), layer=layer)
 
     def run(self, argv: Any, **kwargs: Any) -> JailResult:
-        """:meth:`Jail.run`, in the jail of this test."""
+        """:meth:`Jail.run`, in the jail of this test; a Python program it starts is measured by
+        coverage where coverage's subprocess support is configured, as without the jail."""
         jail = self._jail(kwargs)
-        result: JailResult = _guard(self._item, lambda: jail.run(argv, **kwargs))
+        env = kwargs.get("env", self.spec.env)
+        measured = SubprocessCoverage.wanted(os.environ if env is None else env, self._item.config)
+        if measured is not None:
+            jail.exposures += (measured.exposure,)
+            kwargs["env"] = measured.environ(os.environ if env is None else env)
+        try:
+            result: JailResult = _guard(self._item, lambda: jail.run(argv, **kwargs))
+        finally:
+            if measured is not None:
+                measured.collect()
         return result
 
     def spawn(self, argv: Any, **kwargs: Any) -> JailProcess:
