@@ -25,7 +25,12 @@ def report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
     for key in ("longrepr", "location"):  # JSON has no tuples; pytest expects these two as tuples
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
+    context = data.get("_subtest.context")
     made: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    if isinstance(context, dict) and hasattr(made, "context"):
+        # pytest 9 quotes a subtest's arguments again when it reads them (saferepr of saferepr):
+        # keep them as the body wrote them, so they print as without the jail.
+        object.__setattr__(made.context, "kwargs", dict(context.get("kwargs") or {}))
     return made
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import functools
 import os
+import random
 import time
 import traceback
 from collections.abc import Generator
@@ -270,7 +271,9 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     spec = item.stash[spec_key]
     assert spec is not None
     budget = _pause_timeout(item)
+    seeded = random.getstate()  # Python reseeds its random module in a child of fork (os.register_at_fork)
     if call.fork():
+        random.setstate(seeded)  # as in place: pytest-randomly's seed, a test's own random.seed()
         inside = item.stash[inside_key] = _remote.Inside(item, call, budget, _OWN_KEYS)
         inside.start()
         _remote.call_runtest(runtest, inside)
