@@ -581,7 +581,9 @@ class Call:
         self._ended = 0.0
 
     def _wait_ready(self) -> None:
-        if self._jail._next_message(self._run, "ready") is None:
+        # Both: init says it is ready, the helper names it (two processes, either may come first).
+        named = self._jail._next_message(self._run, "init") is not None and self._run.init is not None
+        if not named or self._jail._next_message(self._run, "ready") is None:
             self.kill()
             self._jail._raise_setup_error(self._run)
             raise JailSetupError("start", None, "the jail ended before the test body was ready")
