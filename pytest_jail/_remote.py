@@ -39,13 +39,16 @@ class Inside:
     """One jailed call phase, in the body: :meth:`start` right after entering the jail,
     :meth:`finish` when pytest has made the call's report."""
 
-    def __init__(self, item: pytest.Item, call: Call, timeout: Any, own_keys: frozenset[Any]) -> None:
+    def __init__(
+        self, item: pytest.Item, call: Call, timeout: Any, own_keys: frozenset[Any], log: list[Any] | None
+    ) -> None:
         self.item = item
         self.call = call
+        self.log = log  # pytest's record of the test's warnings (see warning_log)
+        self.logged = 0 if log is None else len(log)
         self.timeout = timeout  # pytest-timeout's budget for this call, or None
         self.own_keys = own_keys  # pytest-jail's own stash keys: never copied back
         self.logreports: list[dict[str, Any]] = []
-        self.caught: list[warnings.WarningMessage] = []
         self.before: dict[str, str] = {}
         self.junitxml: tuple[Any, int, dict[str, str]] | None = None
         self.ran = False  # the test has returned (or raised): its call's report is next
@@ -58,8 +61,6 @@ class Inside:
         setattr(config.hook, "pytest_runtest_logreport", quiet)  # noqa: B010 - HookRelay is dynamic
         if item.ihook is not config.hook:
             setattr(item.ihook, "pytest_runtest_logreport", quiet)  # noqa: B010
-        catcher = warnings.catch_warnings(record=True)
-        self.caught = catcher.__enter__()  # never left: the body ends inside it
         # A crash's Python stack goes where the parent reads it, whatever the capture mode.
         faulthandler.enable(file=self.call.crash_fd, all_threads=True)
         if self.timeout is not None:
@@ -84,7 +85,7 @@ class Inside:
             "report": config.hook.pytest_report_to_serializable(config=config, report=report),
             "exception": describe_exception(callinfo.excinfo.value) if callinfo.excinfo else None,
             "logreports": self.logreports,
-            "warnings": [_warning_to_json(w) for w in self.caught],
+            "warnings": self._warnings(),
             "state": changes(item, self.before, self.own_keys),
             "junitxml": _junitxml_changes(self.junitxml),
             "coverage": _coverage_lines(),
@@ -94,10 +95,15 @@ class Inside:
     def leave(self, exc: BaseException) -> NoReturn:
         """The body called ``pytest.exit()`` or raised KeyboardInterrupt: pytest's process ends
         the session the same way."""
-        warned = [_warning_to_json(w) for w in self.caught]
+        warned = self._warnings()
         if isinstance(exc, KeyboardInterrupt):
             self.call.finish({"interrupt": True, "warnings": warned})
         self.call.finish({"exit": str(getattr(exc, "msg", exc)), "warnings": warned})
+
+    def _warnings(self) -> list[dict[str, Any]]:
+        """What the body added to pytest's record of the test's warnings (a warning that
+        ``recwarn`` or ``pytest.warns`` took in the body never reaches it, as in place)."""
+        return [] if self.log is None else [_warning_to_json(w) for w in self.log[self.logged:]]
 
     def abort(self, why: str) -> NoReturn:
         """The body cannot go on (a plugin failed after the test, or pytest's stack would carry on
@@ -261,6 +267,15 @@ def _coverage_lines() -> dict[str, Any] | None:
             for name, lines in getattr(collector, "data", {}).items() if lines}
     tracers = {k: v for k, v in getattr(collector, "file_tracers", {}).items() if k in data}
     return {"data": data, "file_tracers": tracers}
+
+
+def warning_log() -> list[Any] | None:
+    """The list pytest records a test's warnings in (its ``catch_warnings(record=True)`` around the
+    test's protocol), read before the test's fixtures put theirs (``recwarn``) in front of it;
+    ``None`` without one (``-p no:warnings``: warnings go to stderr, as they would in place)."""
+    impl = getattr(warnings, "_showwarnmsg_impl", None)
+    log = getattr(impl, "__self__", None)
+    return log if isinstance(log, list) and getattr(impl, "__name__", "") == "append" else None
 
 
 def _warning_to_json(message: warnings.WarningMessage) -> dict[str, Any]:

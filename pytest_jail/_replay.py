@@ -34,8 +34,12 @@ def report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
     return made
 
 
-def replay(item: pytest.Item, outcome: dict[str, Any], own_keys: frozenset[Any]) -> None:
-    """Everything the body's call phase changed or logged, in the order it happened there."""
+def replay(item: pytest.Item, outcome: dict[str, Any], own_keys: frozenset[Any], log: list[Any] | None) -> None:
+    """Everything the body's call phase changed or logged, in the order it happened there.
+
+    :param log: pytest's record of the test's warnings here (``_remote.warning_log``): the body's
+        join it as they were recorded there, so pytest reports them at the end of the test.
+    """
     restore_state(item, outcome.get("state") or {}, own_keys)
     _junitxml(item, outcome.get("junitxml"))
     _coverage(outcome.get("coverage"))
@@ -43,8 +47,7 @@ def replay(item: pytest.Item, outcome: dict[str, Any], own_keys: frozenset[Any])
         made = report(item.config, logged)
         _count_failed_subtest(item.config, made)
         item.ihook.pytest_runtest_logreport(report=made)
-    for warning in outcome.get("warnings", []):
-        _warn(warning)
+    record(log, outcome.get("warnings", []))
 
 
 def _count_failed_subtest(config: pytest.Config, made: pytest.TestReport) -> None:
@@ -125,12 +128,19 @@ def _coverage(measured: dict[str, Any] | None) -> None:
     collector.file_tracers.update(measured.get("file_tracers") or {})
 
 
-def _warn(data: dict[str, Any]) -> None:
-    """Raise again a warning the body raised, so pytest records it as usual."""
-    category = _resolve(data["category"])
-    if not (isinstance(category, type) and issubclass(category, Warning)):
-        category = UserWarning
-    warnings.warn_explicit(data["message"], category, data["filename"], data["lineno"])
+def record(log: list[Any] | None, found: list[dict[str, Any]]) -> None:
+    """Add the warnings the body recorded to pytest's record here, as the same messages."""
+    if log is None:
+        return
+    for data in found:
+        category = _resolve(data["category"])
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = UserWarning
+        try:
+            message = category(data["message"])
+        except Exception:  # a warning class that wants other arguments
+            message = UserWarning(data["message"])
+        log.append(warnings.WarningMessage(message, type(message), data["filename"], data["lineno"]))
 
 
 def _resolve(qualified: str) -> Any:

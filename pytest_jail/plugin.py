@@ -70,8 +70,9 @@ inside_key = pytest.StashKey[_remote.Inside]()  # set in a jailed body only
 result_key = pytest.StashKey[JailResult]()
 outcome_key = pytest.StashKey["dict[str, Any]"]()  # what a jailed body sent back
 timer_key = pytest.StashKey[Any]()  # pytest-timeout's settings for the test, and when it started
+warnings_key = pytest.StashKey["list[Any]"]()  # pytest's record of the test's warnings
 _OWN_KEYS = frozenset({base_spec_key, host_key, spec_key, layers_key, call_key, inside_key, result_key, outcome_key,
-                       timer_key})
+                       timer_key, warnings_key})
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -230,6 +231,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     item.stash[spec_key] = spec = _item_spec(item)
     if spec is not None:
         _guard(item, _host(item.config).require)
+        warnings_log = _remote.warning_log()  # pytest's, before fixtures (recwarn) put theirs in front
+        if warnings_log is not None:
+            item.stash[warnings_key] = warnings_log
     result = yield
     # After every fixture is set up: the jail is built now, so that what the host cannot do is
     # an error of the setup phase; the body enters it when the call phase runs the test.
@@ -274,7 +278,8 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     seeded = random.getstate()  # Python reseeds its random module in a child of fork (os.register_at_fork)
     if call.fork():
         random.setstate(seeded)  # as in place: pytest-randomly's seed, a test's own random.seed()
-        inside = item.stash[inside_key] = _remote.Inside(item, call, budget, _OWN_KEYS)
+        log = item.stash.get(warnings_key, None)
+        inside = item.stash[inside_key] = _remote.Inside(item, call, budget, _OWN_KEYS, log)
         inside.start()
         _remote.call_runtest(runtest, inside)
         return
@@ -296,7 +301,7 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     ]
     item.ihook.pytest_jail_result(item=item, result=result)
     if outcome is not None:
-        _replay.replay(item, outcome, _OWN_KEYS)
+        _replay.replay(item, outcome, _OWN_KEYS, item.stash.get(warnings_key, None))
         if outcome.get("interrupt"):
             raise KeyboardInterrupt
         if outcome.get("exit") is not None:
@@ -546,7 +551,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         del item.stash[call_key]
         del item.runtest  # back to the class's own
         call.kill()
-    for key in (outcome_key, timer_key):
+    for key in (outcome_key, timer_key, warnings_key):
         if key in item.stash:
             del item.stash[key]
 

@@ -176,21 +176,30 @@ def test_properties_attributes_and_output_reach_junit_xml(jailed_pytester: pytes
 
 
 def test_warnings_reach_the_summary(jailed_pytester: pytest.Pytester) -> None:
-    """Warnings a body raises are counted and shown as without the jail; -W error still fails."""
+    """Warnings a body raises are counted and shown as without the jail, those recwarn and
+    pytest.warns take are theirs (structlog's suite found them missing); -W error still fails."""
     jailed_pytester.makepyfile(
         """
-        import warnings
+        import warnings, pytest
 
         def test_warns():
             warnings.warn("old api", DeprecationWarning)
             warnings.warn("careful")
+
+        def test_recwarn_takes_its_own(recwarn):
+            warnings.warn("for recwarn")
+            assert [str(w.message) for w in recwarn.list] == ["for recwarn"]
+
+        def test_pytest_warns_takes_its_own():
+            with pytest.warns(UserWarning, match="for pytest.warns"):
+                warnings.warn("for pytest.warns")
         """
     )
     plain = jailed_pytester.runpytest_subprocess()
     jailed = jailed_pytester.runpytest_subprocess("--jail-all")
-    assert jailed.parseoutcomes() == plain.parseoutcomes() == {"passed": 1, "warnings": 2}
+    assert jailed.parseoutcomes() == plain.parseoutcomes() == {"passed": 3, "warnings": 2}
     jailed.stdout.fnmatch_lines(["*DeprecationWarning: old api*", "*UserWarning: careful*"])
-    jailed_pytester.runpytest_subprocess("--jail-all", "-W", "error:careful").assert_outcomes(failed=1)
+    jailed_pytester.runpytest_subprocess("--jail-all", "-W", "error:careful").assert_outcomes(failed=1, passed=2)
 
 
 @pytest.mark.skipif(not PYTEST_9, reason="subtests are built into pytest 9")
