@@ -54,6 +54,7 @@ from ._view import reserve_address
 from ._view import resolve_rootfs
 from ._view import runtime_paths
 from ._view import uses_root_map
+from .rootfs._build import remove_tree
 
 __all__ = ["ROOT_MAP_BASE", "Call", "Jail", "runtime_paths", "uses_root_map"]
 
@@ -85,6 +86,7 @@ class _Run:
     killed: bool = False  # killed on purpose (JailProcess.kill), not by a limit
     launch: _child.Launch | None = None  # what the child side was given (a body enters with it)
     memory: int | None = None  # its memory limit
+    layer: str | None = None  # a host directory holding its rootfs's writable layer
 
     def __post_init__(self) -> None:
         _RUNNING.add(self)
@@ -333,7 +335,7 @@ class Jail:
         for fd in (status_w, control_r):
             os.close(fd)
         run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment, launch=launch,
-                   memory=spec.memory)
+                   memory=spec.memory, layer=layer)
         try:
             if root_map:
                 self._write_root_map(run, rootfs)
@@ -486,6 +488,10 @@ class Jail:
                 run.init = None
             if run.attachment is not None:
                 networks().release(run.attachment)
+            if run.layer is not None:
+                # What the jail wrote is in upper/; overlayfs's scratch (work/, with a mode 0000
+                # directory in it) would only stop pytest from removing its old temp dirs.
+                remove_tree(os.path.join(run.layer, "work"))
         for message in run.messages:
             if message["kind"] == "exit":
                 return int(message["status"])
@@ -611,7 +617,12 @@ class Call:
             syscalls=launch.syscalls,
         )
         run.started = time.monotonic()
-        pid = _fork(lambda: _child.enter_body(entry))
+        try:
+            pid = _fork(lambda: _child.enter_body(entry))
+        except OSError as exc:  # EAGAIN, ENOMEM: this process cannot fork now
+            for fd in (channel_r, channel_w, crash_r, crash_w):
+                os.close(fd)
+            raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
         if pid == 0:
             self._channel = channel_w
             self.crash_fd = crash_w

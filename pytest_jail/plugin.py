@@ -276,7 +276,12 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     assert spec is not None
     budget = _pause_timeout(item)
     seeded = random.getstate()  # Python reseeds its random module in a child of fork (os.register_at_fork)
-    if call.fork():
+    try:
+        in_jail = call.fork()
+    except BaseException:
+        _resume_timeout(item, budget, 0.0)
+        raise
+    if in_jail:
         random.setstate(seeded)  # as in place: pytest-randomly's seed, a test's own random.seed()
         log = item.stash.get(warnings_key, None)
         inside = item.stash[inside_key] = _remote.Inside(item, call, budget, _OWN_KEYS, log)
@@ -287,7 +292,7 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
         call.wait(spec.timeout)
     finally:
         call.kill()
-    _resume_timeout(item, budget, call.duration)
+        _resume_timeout(item, budget, call.duration)
     item.stash[result_key] = result = call.result([item.nodeid], spec)
     outcome = call.outcome
     if outcome is not None:

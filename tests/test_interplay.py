@@ -692,3 +692,23 @@ def test_oom_while_the_jail_is_built_says_so(jailed_pytester: pytest.Pytester) -
         "*JailSetupError: jail setup failed at step 'memory limit': the OOM killer killed the jail while it was "
         "being built: its memory limit (4M) is too small for the jail itself*"
     ])
+
+
+def test_console_script_usage_and_broken_archives(tmp_path: os.PathLike[str]) -> None:
+    """pytest-jail with no command, and rootfs with no kind, print their usage and exit 2; a
+    truncated or garbage archive to import is one line (exit 2), and nothing is left half-built."""
+    import subprocess
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pytest_jail.cli", *args], capture_output=True, text=True)
+
+    for args, usage in (((), "usage: pytest-jail [-h] COMMAND"), (("rootfs",), "usage: pytest-jail rootfs [-h] KIND")):
+        done = cli(*args)
+        assert done.returncode == 2 and done.stderr.startswith(usage), done.stderr
+    broken = os.path.join(tmp_path, "image.tar.gz")
+    with open(broken, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00truncated")
+    target = os.path.join(tmp_path, "tree")
+    done = cli("rootfs", "import", broken, target)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "not a tar archive (plain, gzip, bzip2 or xz)" in done.stderr and not os.path.exists(target)

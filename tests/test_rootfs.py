@@ -147,6 +147,7 @@ def test_kept_layer_holds_what_the_jail_wrote(built: str, tmp_path: Path) -> Non
         os.chown(layer, 2**31 - 2 * 65536, 2**31 - 2 * 65536)
     Jail(JailSpec(rootfs=built), layer=str(layer)).run(["sh", "-c", "echo evidence > /etc/written; rm /etc/hosts"])
     assert (layer / "upper" / "etc" / "written").read_text() == "evidence\n"
+    assert not (layer / "work").exists()  # overlayfs's scratch goes (its 0000 directory would stop pytest's cleanup)
     assert os.path.exists(os.path.join(built, "etc/hosts"))
 
 

@@ -256,10 +256,12 @@ def _plan_cgroups(ops: list[Op], cgroups: Sequence[CgroupMount]) -> None:
         return
     root = NEW + CGROUP_ROOT
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+    # A tmpfs first: the kernel refuses a cgroup filesystem right on top of the same one (EBUSY),
+    # and the host's hierarchies must not show through where one cannot be mounted.
+    ops.append(("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=0"))
     if any(c.path == "" for c in cgroups):  # pure cgroup v2
         ops.append(("optional_mount", "cgroup2", root, "cgroup2", flags, None))
         return
-    ops.append(("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=0"))
     for mount in cgroups:
         if mount.link is not None:
             ops.append(("symlink", mount.link, f"{root}/{mount.path}"))
