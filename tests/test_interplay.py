@@ -388,6 +388,8 @@ def test_pytest_timeout_shows_the_bodys_own_stack(jailed_pytester: pytest.Pytest
 def test_hypothesis_database_persists(jailed_pytester: pytest.Pytester) -> None:
     """Hypothesis saves its failing example from a jailed body, with no warning, and the next
     run replays it, as without the jail."""
+    # Hypothesis loads its "ci" profile (no database) where CI is set, as in CI: not this project.
+    jailed_pytester.makeconftest("from hypothesis import settings\nsettings.load_profile('default')\n")
     jailed_pytester.makepyfile(
         """
         import pytest
