@@ -26,12 +26,37 @@ def report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
     context = data.get("_subtest.context")
-    made: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    made = config.hook.pytest_report_from_serializable(config=config, data=data)
+    if not isinstance(made, pytest.TestReport):
+        raise ValueError(f"not a test report: {type(made).__name__}")
     if isinstance(context, dict) and hasattr(made, "context"):
         # pytest 9 quotes a subtest's arguments again when it reads them (saferepr of saferepr):
         # keep them as the body wrote them, so they print as without the jail.
         object.__setattr__(made.context, "kwargs", dict(context.get("kwargs") or {}))
     return made
+
+
+def check(item: pytest.Item, outcome: dict[str, Any]) -> None:
+    """Raise if what a body sent is not an outcome this module can replay (its report is read
+    once here, so a malformed one fails its test, never pytest): reports of this test's call
+    phase only."""
+    config = item.config
+    shapes = {"report": dict, "exception": dict, "logreports": list, "warnings": list, "state": dict,
+              "junitxml": dict, "coverage": dict, "exit": str, "interrupt": bool}
+    for key, value in outcome.items():
+        if key not in shapes or not (value is None or isinstance(value, shapes[key])):
+            raise ValueError(f"{key!r} is {type(value).__name__}")
+    for data in [outcome.get("report"), *(outcome.get("logreports") or [])]:
+        if data is not None:
+            made = report(config, data)
+            if made.nodeid != item.nodeid or made.when != "call":
+                raise ValueError(f"a report of {made.nodeid!r} ({made.when})")
+    for warning in outcome.get("warnings") or []:
+        if not (isinstance(warning, dict) and isinstance(warning.get("message"), str)
+                and isinstance(warning.get("filename"), str) and isinstance(warning.get("lineno"), int)):
+            raise ValueError(f"a warning {warning!r}")
+    if outcome.get("exception") is not None:
+        stand_in(outcome["exception"])
 
 
 def replay(item: pytest.Item, outcome: dict[str, Any], own_keys: frozenset[Any], log: list[Any] | None) -> None:
