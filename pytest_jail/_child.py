@@ -28,6 +28,7 @@ from typing import NoReturn
 
 from . import _wire
 from ._linux import blackhole
+from ._linux import seccomp
 from ._linux import syscalls as sc
 from ._linux.mounts import Executor
 from ._linux.mounts import Op
@@ -79,6 +80,11 @@ class Launch:
     parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
     cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
     parent_pid: int = 0
+    lifeline: int | None = None  # a pidfd of the caller's process: the jail ends when it does
+    filter: bytes | None = None  # the system call filter (seccomp.py); None: unconfined
+    quiet_filter: bytes | None = None  # ...the same without a supervisor, for a jail in a jail
+    listener: int | None = None  # ...where the calls it refuses arrive, in init
+    refused: list[str] = field(default_factory=list)  # ...and their names, for the report
     syscalls: sc.Syscalls = field(default_factory=sc.Syscalls)
 
 
@@ -110,7 +116,11 @@ def helper_main(launch: Launch) -> NoReturn:
     try:
         gc.disable()  # the helpers live for milliseconds; a collection would only copy pages
         _close(*launch.parent_fds)  # else a held write end of stdin would keep `cat` waiting
-        _die_with_parent(launch, launch.parent_pid)
+        # Not PR_SET_PDEATHSIG: it follows the *thread* that forked us, and a jail must outlive a
+        # thread that started it (a jail.spawn from a thread pool); init watches this instead.
+        launch.lifeline = os.pidfd_open(launch.parent_pid)
+        if _readable(launch.lifeline):
+            _exit(1)  # the caller is already gone
         flags = NAMESPACES | (0 if launch.share_net else sc.CLONE_NEWNET)
         uid, gid = os.geteuid(), os.getegid()  # after unshare they read as the overflow id
         with _step(launch, "join cgroup"):
@@ -145,18 +155,35 @@ def helper_main(launch: Launch) -> NoReturn:
                 # Changing ids made us non-dumpable, which hands /proc/self to the host's root and
                 # would stop a jail nested in this one from writing its id map (prctl(2)).
                 launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)
-                # ...and cleared our parent-death signal (prctl(2)): set it again.
-                _die_with_parent(launch, launch.parent_pid)
             else:
                 _write_own_map(uid, gid)
+        with _step(launch, "session keyring"):
+            _join_fresh_keyring(launch.syscalls)  # the keys of pytest's session stay out of reach
+        # A test body enters the jail later through these: our own namespaces, and the pid
+        # namespace of our children, which can be opened only once there is one. Opened through a
+        # descriptor of /proc/self/ns taken now: init's pivot_root is about to move our root too
+        # (we share its mount namespace), and from then on no path reaches /proc here.
+        entries: list[int] = []
+        ns_dir = None
+        if launch.argv is None:
+            ns_dir = os.open("/proc/self/ns", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            names = ("user", "mnt", "uts", "ipc", "cgroup") + (() if launch.share_net else ("net",))
+            entries = [os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=ns_dir) for name in names]
         # init cannot see us through getppid() (we are outside its pid namespace): it watches
         # this pidfd instead to notice a helper that died before its PR_SET_PDEATHSIG was set.
         helper = os.pidfd_open(os.getpid())
         with _step(launch, "fork init"):
             pid = os.fork()
         if pid == 0:
+            _close(ns_dir, *entries)
             init_main(launch, helper)
         os.close(helper)
+        if ns_dir is not None:
+            entries.insert(5, os.open("pid_for_children", os.O_RDONLY | os.O_CLOEXEC, dir_fd=ns_dir))
+            os.close(ns_dir)
+            with socket.socket(fileno=os.dup(launch.control_r)) as control:
+                socket.send_fds(control, [b"e"], entries)
+            _close(*entries)
         _send(launch, "init", pid=pid)  # the parent kills the jail through init
         _close(launch.status_w, launch.stdin, launch.stdout, launch.stderr)
         os.waitpid(pid, 0)
@@ -164,7 +191,7 @@ def helper_main(launch: Launch) -> NoReturn:
     except _StepFailed:
         pass
     except BaseException:  # pragma: no cover - a bug; say so rather than hang the parent
-        _send(launch, "error", step="helper", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+        _send(launch, "error", step="helper", errno=None, detail=_where(), path=None)
     finally:
         _exit(code)  # never return into the caller's stack
 
@@ -175,9 +202,10 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
     code = 1
     try:
         launch.syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([helper], [], [], 0)[0]:  # the helper died before the prctl: follow it
+        if _readable(helper):  # the helper died before the prctl: follow it
             _exit(1)
         os.close(helper)
+        _default_signals()
         if launch.record:
             try:  # before the mounts: /dev/net/tun is the host's (a nested jail has none: no record)
                 launch.tun = launch.syscalls.open_tun(blackhole.DEVICE, blackhole.ADDRESS)
@@ -192,6 +220,14 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
                     detail = f"{exc.strerror} during {_describe(op)}"
                     raise OSError(exc.errno, detail, exc.filename) from None
             _close(launch.tree, *launch.trees.values())
+        with _step(launch, "seal init"):
+            # Nothing in the jail may read init, a fork of pytest: its memory, environment and
+            # descriptors under /proc/1 become the host root's (prctl(2), proc(5)), and it keeps
+            # only the descriptors it needs (the bind sources it opened on the host are gone).
+            launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 0)
+            _close_all_but(launch.status_w, launch.control_r, launch.tun, launch.stdin, launch.stdout, launch.stderr,
+                           launch.lifeline)
+            launch.sources.clear()
         with _step(launch, "hostname"):
             launch.syscalls.sethostname(launch.hostname)
         if not launch.share_net:
@@ -206,76 +242,84 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             with _step(launch, "drop capabilities"):
                 launch.syscalls.drop_capabilities()
             _send(launch, "ready")
-            _serve(launch.control_r, launch.tun, recorder)
+            _watch(launch, recorder, None)
         else:
             pid = _spawn_command(launch)
             _close(launch.stdin, launch.stdout, launch.stderr)
-            status = _reap_until(pid, launch.tun, recorder)
+            status = _watch(launch, recorder, pid)
         if launch.tun is not None:
             _send(launch, "blocked", attempts=recorder.attempts, dropped=recorder.dropped)
+        if launch.listener is not None:
+            _send(launch, "syscalls", calls=launch.refused)
         if launch.argv is not None:
             _send(launch, "exit", status=status)
         code = 0  # leaving kills every process still in the jail: the pid namespace dies with init
     except _StepFailed:
         pass
     except BaseException:  # pragma: no cover
-        _send(launch, "error", step="init", errno=None, detail=repr(sys.exc_info()[1]), path=None)
+        _send(launch, "error", step="init", errno=None, detail=_where(), path=None)
     finally:
         _exit(code)
 
 
-def _reap_until(pid: int, tun: int | None = None, recorder: blackhole.Recorder | None = None) -> int:
-    """Reap every process of the jail until ``pid`` ends; meanwhile answer what reaches the
-    recorder's device. Returns ``pid``'s wait status."""
-    if tun is None:
-        while True:
-            try:
-                reaped, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # pragma: no cover
-                return 0
-            if reaped == pid:
-                return status
-    assert recorder is not None
-    payload = os.pidfd_open(pid)
+def _watch(launch: Launch, recorder: blackhole.Recorder, payload: int | None) -> int | None:
+    """init's loop: reap every process of the jail, answer what reaches the recorder, obey the
+    caller, and leave with pytest (its process, not the thread that started the jail).
+
+    With a command (``payload``, pid 2), until it ends: returns its wait status; "t" from the
+    caller sends it SIGTERM (race-free: its pid is ours until we reap it). With a test body,
+    until the caller writes "e" (the body is over): returns ``None``.
+    """
+    poller = select.poll()
+    pidfd = os.pidfd_open(payload) if payload is not None else None
+    for fd in (launch.control_r, launch.lifeline, launch.tun, pidfd, launch.listener):
+        if fd is not None:
+            poller.register(fd, select.POLLIN)
     try:
         while True:
-            ready = select.select([tun, payload], [], [], 1.0)[0]  # 1 s: orphans are reaped too
-            if tun in ready:
-                _answer(tun, recorder)
+            for fd, _ in poller.poll(1000):  # 1 s at most: orphans are reaped too
+                if fd == launch.tun:
+                    _answer(fd, recorder)
+                elif fd == launch.listener:
+                    refuse_one(launch.syscalls, fd, launch.refused)
+                elif fd == launch.lifeline:
+                    _exit(1)  # pytest is gone: so is the jail (the kernel kills the rest with us)
+                elif fd == launch.control_r:
+                    order = os.read(fd, 1)
+                    if order == b"t" and payload is not None:
+                        os.kill(payload, signal.SIGTERM)
+                    elif order == b"e" and payload is None:
+                        if launch.tun is not None:
+                            _answer(launch.tun, recorder)  # what it sent last
+                        return None
+                    elif order == b"":
+                        _exit(1)  # the caller let go of the jail
             while True:
                 try:
                     reaped, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:  # pragma: no cover
-                    return 0
+                except ChildProcessError:
+                    break
                 if reaped == 0:
                     break
-                if reaped == pid:
-                    _answer(tun, recorder)  # what it sent last
+                if reaped == payload:
+                    if launch.tun is not None:
+                        _answer(launch.tun, recorder)  # what it sent last
                     return status
     finally:
-        os.close(payload)
+        if pidfd is not None:
+            os.close(pidfd)
 
 
-def _serve(control: int, tun: int | None, recorder: blackhole.Recorder) -> None:
-    """Keep a jail for its test body: reap orphans and answer the recorder until the caller
-    writes "e" (the body is over) or goes away."""
-    poller = select.poll()
-    poller.register(control, select.POLLIN)
-    if tun is not None:
-        poller.register(tun, select.POLLIN)
-    while True:
-        for fd, _ in poller.poll(1000):  # 1 s: orphans are reaped too
-            if fd == tun:
-                _answer(fd, recorder)
-            elif os.read(control, 1) in (b"e", b""):
-                if tun is not None:
-                    _answer(tun, recorder)  # what it sent last
-                return
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            pass
+def refuse_one(syscalls: sc.Syscalls, listener: int, refused: list[str]) -> None:
+    """Answer a call the filter handed over with its errno, and remember its name."""
+    call = syscalls.next_refusal(listener)
+    if call is None:
+        return
+    number, nr, args = call
+    name, code = seccomp.verdict(nr, args)
+    if name not in refused and len(refused) < 64:
+        refused.append(name)
+    syscalls.refuse(listener, number, code)
 
 
 def _answer(tun: int, recorder: blackhole.Recorder) -> None:
@@ -315,6 +359,9 @@ def _spawn_command(launch: Launch) -> int:
         # In every mode: the jail's root must not be able to unmount or remount what hides the
         # host (capabilities(7): with an empty bounding set, exec gives even uid 0 nothing).
         launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
+    if launch.filter is not None:
+        with _step(launch, "seccomp"):  # init too: it only reaps and answers from here on
+            launch.listener = _install_filter(launch.syscalls, launch.filter, launch.quiet_filter)
     with _step(launch, "stdio"):
         stdin = launch.stdin if launch.stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0)]
@@ -361,8 +408,7 @@ def _inheritable(fd: int) -> bool:
 class Entry:
     """What a fork of the caller needs to enter a prepared jail and become its test body."""
 
-    init: int  # a pidfd of the jail's init: its namespaces are the jail's
-    flags: int  # the namespaces to join
+    namespaces: list[int]  # the jail's namespaces (the user namespace first), from its helper
     root_map: bool
     cwd: str
     env: dict[str, str] | None
@@ -371,6 +417,8 @@ class Entry:
     crash: int  # where a dying body's last words go (faulthandler, an uncaught traceback)
     close: tuple[int, ...]  # the caller's descriptors that are none of the body's business
     syscalls: sc.Syscalls
+    filter: bytes | None = None  # the system call filter; None: unconfined
+    quiet_filter: bytes | None = None  # ...without a supervisor, for a jail in a jail
 
 
 def enter_body(entry: Entry) -> None:
@@ -385,22 +433,22 @@ def enter_body(entry: Entry) -> None:
         _close(*entry.close)
         for procs in entry.cgroup_procs:  # before the cgroup namespace hides the way there
             _write(procs, b"0")
-        entry.syscalls.setns(entry.init, entry.flags)  # one call, user namespace first (setns(2))
-        os.close(entry.init)
+        for fd in entry.namespaces:  # the user namespace first: it owns the others (setns(2))
+            entry.syscalls.setns(fd, 0)
+        _close(*entry.namespaces)
+        _join_fresh_keyring(entry.syscalls)  # before the filter, which refuses keyctl
+        listener = None
+        if entry.filter is not None:  # on this process: the body is born under it
+            entry.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+            listener = _install_filter(entry.syscalls, entry.filter, entry.quiet_filter)
         pid = os.fork()
     except OSError as exc:
         _tell(entry.channel, "error", step="enter", errno=exc.errno, detail=exc.strerror or str(exc), path=None)
         _exit(1)
     if pid:
-        code = 1
-        try:
-            _close(entry.crash)
-            _, status = os.waitpid(pid, 0)
-            _tell(entry.channel, "exit", status=status)
-            code = 0
-        finally:
-            _exit(code)
+        _reap_body(entry, pid, listener)
     try:
+        _close(listener)  # the body must never answer its own refused calls (it could let them through)
         if entry.root_map:  # the jail's root, an unprivileged host uid, as the jail's init is
             os.setresgid(0, 0, 0)
             os.setgroups([])
@@ -418,6 +466,64 @@ def enter_body(entry: Entry) -> None:
     if entry.env is not None:
         os.environ.clear()
         os.environ.update(entry.env)
+        # /proc/self/environ shows the block the process started with (pytest's), whatever
+        # os.environ holds: with env= the body shows only what it was given.
+        entry.syscalls.wipe_environment_block()
+
+
+def _reap_body(entry: Entry, pid: int, listener: int | None) -> NoReturn:
+    """The process that entered: answer what the filter refuses the body, reap it, say how it
+    ended and what was refused."""
+    code = 1
+    refused: list[str] = []
+    try:
+        _close(entry.crash)
+        body = os.pidfd_open(pid)
+        poller = select.poll()  # (never select(): it fails on a descriptor numbered 1024 or more)
+        for fd in (body, listener):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        ended = False
+        while not ended:
+            for fd, _ in poller.poll():
+                if fd == listener:
+                    refuse_one(entry.syscalls, fd, refused)
+                elif fd == body:
+                    ended = True
+        _, status = os.waitpid(pid, 0)
+        if listener is not None:
+            _tell(entry.channel, "syscalls", calls=refused)
+        _tell(entry.channel, "exit", status=status)
+        code = 0
+    finally:
+        _exit(code)
+
+
+def _install_filter(syscalls: sc.Syscalls, program: bytes, quiet: bytes | None) -> int | None:
+    """The filter, with a supervisor to name what it refuses; where a filter above already has
+    one (a jail in a jail: the outer jail names them), ``quiet``, which refuses them at once."""
+    try:
+        return syscalls.install_filter(program)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY or quiet is None:
+            raise
+        return syscalls.install_filter(quiet, listener=False)
+
+
+def _where() -> str:
+    """The exception being handled and the line of ours that raised it: a bug's report."""
+    exc = sys.exc_info()[1]
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    line = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{exc!r}{line}"
+
+
+def _readable(fd: int, timeout: float = 0) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _tell(fd: int, kind: str, **fields: Any) -> None:
@@ -425,14 +531,6 @@ def _tell(fd: int, kind: str, **fields: Any) -> None:
         _wire.send(fd, kind, **fields)
     except OSError:
         pass
-
-
-def _die_with_parent(launch: Launch, parent: int) -> None:
-    # PR_SET_PDEATHSIG follows the parent *thread*; our parents are single-threaded, and the
-    # getppid() check closes the race with a parent that died before the prctl (prctl(2)).
-    launch.syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        _exit(1)
 
 
 def _write_own_map(uid: int, gid: int) -> None:
@@ -462,6 +560,38 @@ def _seal_descriptors(keep: tuple[int, ...]) -> None:
                 os.set_inheritable(fd, False)
         except OSError:
             pass
+
+
+def _default_signals() -> None:
+    """init is a fork of pytest, with its signal handlers (SIGINT is KeyboardInterrupt) and
+    dispositions (a pytest that ignores SIGCHLD would have init's children reaped for it): back to
+    the defaults, none blocked. For pid 1 of a pid namespace a signal left at its default from
+    inside is not delivered at all (pid_namespaces(7)): `kill -INT 1` in a jail does nothing."""
+    for number in signal.valid_signals():
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(number) is not signal.SIG_DFL:
+                signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _join_fresh_keyring(syscalls: sc.Syscalls) -> None:
+    try:
+        syscalls.join_session_keyring()
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:  # a kernel without keys has none to leave behind
+            raise
+
+
+def _close_all_but(*keep: int | None) -> None:
+    """Close every descriptor but ``keep`` (close_range(2) between them)."""
+    kept = sorted({fd for fd in keep if fd is not None and fd >= 0} | {0, 1, 2})
+    for low, high in zip(kept, [*kept[1:], 1 << 20], strict=True):
+        if high > low + 1:
+            os.closerange(low + 1, high)
 
 
 def _write(path: str, data: bytes) -> None:

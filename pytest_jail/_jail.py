@@ -9,11 +9,13 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import platform
 import select
 import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -35,14 +37,16 @@ from ._errors import JailConfigError
 from ._errors import JailSetupError
 from ._limits import cgroup_for
 from ._limits import usage_fields
+from ._linux import seccomp
 from ._linux.mounts import Exposure
 from ._linux.net import Attachment
 from ._linux.net import networks
-from ._linux.syscalls import CLONE_NEWNET
+from ._probe import explain
 from ._process import JailProcess
 from ._result import JailResult
 from ._spec import JailSpec
 from ._spec import format_size
+from ._spec import parse_size
 from ._view import ROOT_MAP_BASE
 from ._view import ROOT_MAP_SIZE
 from ._view import bind_sources
@@ -60,6 +64,33 @@ __all__ = ["ROOT_MAP_BASE", "Call", "Jail", "runtime_paths", "uses_root_map"]
 
 #: Every jail this process runs: a test body entering one closes the handles of all of them.
 _RUNNING: weakref.WeakSet[_Run] = weakref.WeakSet()
+
+#: How much of each of a command's output streams is kept (``jail.run(..., output_limit=...)``).
+DEFAULT_OUTPUT_LIMIT = 16 << 20
+
+
+class _Output:
+    """What a jail wrote on one pipe, up to ``limit`` bytes (the first ones, or with ``tail`` the
+    last ones); the rest is counted, never kept, so a jail cannot make pytest grow without end."""
+
+    def __init__(self, limit: int, *, tail: bool = False) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.tail = tail
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self.tail:
+            self.data += chunk
+            if len(self.data) > self.limit:
+                self.dropped += len(self.data) - self.limit
+                del self.data[: len(self.data) - self.limit]
+            return
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
 
 _KILL_GRACE = 10.0  # seconds to wait for a killed jail's last process before giving up
 SETUP_TIMEOUT = 60.0  # seconds for a jail to be built (its own timeout starts after)
@@ -86,6 +117,7 @@ class _Run:
     killed: bool = False  # killed on purpose (JailProcess.kill), not by a limit
     launch: _child.Launch | None = None  # what the child side was given (a body enters with it)
     memory: int | None = None  # its memory limit
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the pipes, across threads
     layer: str | None = None  # a host directory holding its rootfs's writable layer
 
     def __post_init__(self) -> None:
@@ -97,14 +129,30 @@ class _Run:
 
     def close_pipes(self) -> None:
         """Close our ends of the wire, once (a closed number may already be someone else's)."""
-        for name in ("status", "control"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                _close_quietly(fd)
-                setattr(self, name, -1)
+        with self.lock:
+            for name in ("status", "control"):
+                fd = getattr(self, name)
+                if fd >= 0:
+                    _close_quietly(fd)
+                    setattr(self, name, -1)
+
+    def order(self, what: bytes) -> None:
+        """Tell the jail's init something ("t": SIGTERM the command), if it still listens."""
+        with self.lock:
+            if self.control >= 0:
+                try:
+                    os.write(self.control, what)
+                except OSError:
+                    pass
 
     def receive(self, chunk: bytes) -> None:
-        for message in self.reader.feed(chunk):
+        try:
+            messages = self.reader.feed(chunk)
+        except _wire.WireError as exc:
+            # A protocol error is a setup error (see _raise_setup_error); the jail goes at once.
+            messages = [{"kind": "error", "step": "wire", "errno": errno.EPROTO, "detail": str(exc), "path": None}]
+            self.kill()
+        for message in messages:
             if message["kind"] == "init" and self.init is None:
                 self.init_pid = message["pid"]
                 try:
@@ -160,6 +208,7 @@ class Jail:
         check: bool = False,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        output_limit: int | str | None = None,
         **spec_overrides: Any,
     ) -> JailResult:
         """Run ``argv`` in a fresh jail and wait for it, like :func:`subprocess.run`.
@@ -168,9 +217,11 @@ class Jail:
 
         .. note:: stdout and stderr are always captured and decoded; stdin is ``/dev/null``
            unless ``input`` is given. ``timeout`` kills the whole jail and sets ``timed_out``
-           instead of raising, so the output so far is still in the result.
+           instead of raising, so the output so far is still in the result. Each stream keeps
+           at most ``output_limit`` bytes (default 16M): what was dropped is counted in
+           ``stdout_dropped`` / ``stderr_dropped``, and a warning says so.
         """
-        command = self._start("jail.run", argv, input, timeout, env, cwd, spec_overrides)
+        command = self._start("jail.run", argv, input, timeout, env, cwd, spec_overrides, output_limit)
         try:
             command.collect()
         except BaseException:  # Ctrl-C, a test's own timeout: the jail goes with the caller
@@ -185,6 +236,7 @@ class Jail:
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        output_limit: int | str | None = None,
         **spec_overrides: Any,
     ) -> JailProcess:
         """Start ``argv`` in a fresh jail and return at once: a service for the caller to talk to.
@@ -193,7 +245,7 @@ class Jail:
         :class:`JailResult`. Use it as a context manager, or call :meth:`JailProcess.kill`: the
         jail runs until its command ends, its ``timeout``, or the caller's end.
         """
-        return JailProcess(self._start("jail.spawn", argv, None, timeout, env, cwd, spec_overrides))
+        return JailProcess(self._start("jail.spawn", argv, None, timeout, env, cwd, spec_overrides, output_limit))
 
     def _start(
         self,
@@ -204,12 +256,19 @@ class Jail:
         env: Mapping[str, str] | None,
         cwd: str | None,
         spec_overrides: dict[str, Any],
+        output_limit: int | str | None = None,
     ) -> Command:
         if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
             raise JailConfigError(
                 f"{caller}(argv={argv!r}): argv must be a non-empty list of strings, "
                 "e.g. ['sh', '-c', 'echo hi'] (a single string is refused, as shell=False)"
             )
+        limit = DEFAULT_OUTPUT_LIMIT
+        if output_limit is not None:
+            try:
+                limit = parse_size(output_limit)
+            except ValueError as exc:
+                raise JailConfigError(f"{caller}(output_limit={output_limit!r}) is not valid; allowed: {exc}") from None
         spec = self.spec
         if timeout is not None:
             spec_overrides["timeout"] = timeout
@@ -240,7 +299,7 @@ class Jail:
                 if fd is not None:
                     os.close(fd)
         data = input.encode() if isinstance(input, str) else input
-        return Command(self, run, list(argv), spec, out_r, err_r, in_w, data)
+        return Command(self, run, list(argv), spec, out_r, err_r, in_w, data, output_limit=limit)
 
     def start_call(self, *, cwd: str | None = None) -> Call:
         """Build a jail for a function of this process, ready for :meth:`Call.fork` to enter.
@@ -290,7 +349,8 @@ class Jail:
         layer = self.layer if rootfs is not None else None
         # What it tries to reach outside is recorded and refused, unless it may reach everything.
         record = spec.net != "host" and spec.way_out != ()
-        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs, layer, tuple(b.target for b in spec.binds), record)
+        binds = tuple(b.target for b in spec.binds)
+        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, record)
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
@@ -308,6 +368,8 @@ class Jail:
             parent_pid=os.getpid(),
             sources=bind_sources(plan) if root_map else {},
             mapped=tuple(e.source for e in exposures if e.mapped) if root_map else (),
+            filter=_filter(spec),
+            quiet_filter=_filter(spec, notify=False),
             cgroup_procs=group.procs_files if group is not None else [],
             **payload,
         )
@@ -388,7 +450,9 @@ class Jail:
             for message in run.messages:
                 if message["kind"] in (kind, "error"):
                     return message if message["kind"] == kind else None
-            if not select.select([run.status], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            poller = select.poll()  # (never select(): it fails on a descriptor numbered 1024 or more)
+            poller.register(run.status, select.POLLIN)
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 raise JailSetupError(kind, errno.ETIMEDOUT, f"the jail was not ready after {SETUP_TIMEOUT:.0f}s "
                                      "(a bind source on a hung network filesystem?)")
             chunk = os.read(run.status, 65536)
@@ -401,7 +465,7 @@ class Jail:
         self,
         run: _Run,
         timeout: float | None,
-        outputs: dict[int, bytearray] | None = None,
+        outputs: dict[int, _Output] | None = None,
         stdin: int | None = None,
         data: bytes | None = None,
         since: float | None = None,
@@ -450,7 +514,7 @@ class Jail:
                     elif fd == run.status:
                         run.receive(chunk)
                     else:
-                        outputs[fd] += chunk
+                        outputs[fd].add(chunk)
         finally:
             for key in list(sel.get_map().values()):
                 if key.fd == stdin:
@@ -506,7 +570,10 @@ class Jail:
                 "pytest, needs some megabytes more than a command)")
         for message in run.messages:
             if message["kind"] == "error":
-                raise _setup_error(message)
+                error = _setup_error(message)
+                if error.step == "unshare":  # a host's (or an outer jail's) refusal has a remedy
+                    raise explain(error) or error
+                raise error
 
 
 @dataclass
@@ -522,17 +589,18 @@ class Command:
     stdin_fd: int | None
     data: bytes | None
     timed_out: bool = False
-    outputs: dict[int, bytearray] = field(init=False)
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+    outputs: dict[int, _Output] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.outputs = {self.stdout_fd: bytearray(), self.stderr_fd: bytearray()}
+        self.outputs = {self.stdout_fd: _Output(self.output_limit), self.stderr_fd: _Output(self.output_limit)}
 
     @property
     def ip(self) -> str | None:
         return None if self.run.attachment is None else self.run.attachment.ip
 
     def output(self, fd: int) -> str:
-        return bytes(self.outputs[fd]).decode("utf-8", "replace")
+        return bytes(self.outputs[fd].data).decode("utf-8", "replace")
 
     def collect(self) -> None:
         """Read its output until the jail is gone; kill it at its timeout."""
@@ -549,16 +617,25 @@ class Command:
             self.jail._raise_setup_error(run)
             if status is None:
                 raise JailSetupError("init", None, "the jail ended before it reported the command's status")
+        streams = (("stdout", self.stdout_fd), ("stderr", self.stderr_fd))
+        dropped = {name: self.outputs[fd].dropped for name, fd in streams}
+        if any(dropped.values()):
+            lost = ", ".join(f"{name} {n} bytes" for name, n in dropped.items() if n)
+            warnings.warn(f"jail.run({self.args!r}): output beyond the limit of {format_size(self.output_limit)} "
+                          f"per stream was dropped ({lost}); see output_limit=", RuntimeWarning, stacklevel=3)
         return JailResult(
             args=self.args,
             returncode=-signal.SIGKILL if (timed_out or run.killed) and returncode == 0 else returncode,
             stdout=self.output(self.stdout_fd),
             stderr=self.output(self.stderr_fd),
+            stdout_dropped=dropped["stdout"],
+            stderr_dropped=dropped["stderr"],
             timed_out=timed_out,
             duration=time.monotonic() - run.started,
             cpu_time=_cpu_time(run),
             timeout=self.spec.timeout,
             blocked=_blocked(run),
+            blocked_syscalls=_refused(run),
             **usage_fields(run.usage, self.spec),
         )
 
@@ -585,10 +662,18 @@ class Call:
         self.error: dict[str, Any] | None = None  # the body could not enter the jail
         self.last_words = b""  # what a dying body wrote on its way out (tracebacks, faulthandler)
         self._ended = 0.0
+        self._namespaces: list[int] = []  # the jail's namespaces, the user namespace first
+        self.refused: list[str] | None = None  # the system calls the filter refused the body
 
     def _wait_ready(self) -> None:
-        # Both: init says it is ready, the helper names it (two processes, either may come first).
+        # Both: init says it is ready, the helper names it (two processes, either may come first);
+        # the helper sends the jail's namespaces, to enter by, just before it names init.
         named = self._jail._next_message(self._run, "init") is not None and self._run.init is not None
+        if named:
+            with socket.socket(fileno=os.dup(self._run.control)) as control:
+                _, self._namespaces, _, _ = socket.recv_fds(control, 1, 8)
+            for fd in self._namespaces:
+                os.set_inheritable(fd, False)
         if not named or self._jail._next_message(self._run, "ready") is None:
             self.kill()
             self._jail._raise_setup_error(self._run)
@@ -600,21 +685,22 @@ class Call:
         """Fork this process into the jail: ``True`` in the jailed copy (pid 2 of the jail, in
         its namespaces and cgroup, with the jail's ids and capabilities), ``False`` here."""
         run = self._run
-        assert run.launch is not None and run.init is not None, "fork() once, on a jail start_call() built"
+        assert run.launch is not None and self._namespaces, "fork() once, on a jail start_call() built"
         channel_r, channel_w = os.pipe2(os.O_CLOEXEC)
         crash_r, crash_w = os.pipe2(os.O_CLOEXEC)
         launch = run.launch
         entry = _child.Entry(
-            init=run.init,
-            flags=_child.NAMESPACES | (0 if launch.share_net else CLONE_NEWNET),
+            namespaces=self._namespaces,
             root_map=launch.root_map,
             cwd=launch.cwd,
             env=launch.env,
             cgroup_procs=launch.cgroup_procs,
             channel=channel_w,
             crash=crash_w,
-            close=(channel_r, crash_r, *(fd for r in list(_RUNNING) for fd in r.descriptors() if fd != run.init)),
+            close=(channel_r, crash_r, *(fd for r in list(_RUNNING) for fd in r.descriptors())),
             syscalls=launch.syscalls,
+            filter=launch.filter,
+            quiet_filter=launch.quiet_filter,
         )
         run.started = time.monotonic()
         try:
@@ -629,8 +715,9 @@ class Call:
             return True
         os.close(channel_w)
         os.close(crash_w)
+        _close_all(self._namespaces)  # the fork that enters has them; nobody else may
         self._entering = pid
-        self._outputs = {channel_r: bytearray(), crash_r: bytearray()}
+        self._outputs = {channel_r: _Output(2 * _wire.MAX_FRAME), crash_r: _Output(_LAST_WORDS, tail=True)}
         return False
 
     # -- inside -------------------------------------------------------------------------------
@@ -659,14 +746,24 @@ class Call:
         run = self._run
         channel, crash = list(self._outputs)
         self.timed_out = _read_until_closed(run, self._outputs, timeout)
-        for message in self._reader.feed(bytes(self._outputs[channel])):
+        try:
+            if self._outputs[channel].dropped:
+                raise _wire.WireError(f"more than {2 * _wire.MAX_FRAME} bytes on the wire")
+            messages = self._reader.feed(bytes(self._outputs[channel].data))
+        except _wire.WireError as exc:  # its own doing: the body runs the test's code, and has the pipe
+            messages = []
+            self.error = {"step": "wire", "errno": errno.EPROTO, "detail": f"the test body broke the wire "
+                          f"protocol: {exc}", "path": None}
+        for message in messages:
             if message["kind"] == "outcome":
                 self.outcome = message["data"]
             elif message["kind"] == "exit":
                 self.status = int(message["status"])
+            elif message["kind"] == "syscalls":
+                self.refused = [str(call) for call in message["calls"]][:64]
             elif message["kind"] == "error":
                 self.error = message
-        self.last_words = bytes(self._outputs[crash][-_LAST_WORDS:])
+        self.last_words = bytes(self._outputs[crash].data)
         self._ended = run.ended
         _reap(self._entering)
         self._entering = 0
@@ -687,6 +784,7 @@ class Call:
             duration=self.duration,
             cpu_time=self.cpu_time,
             blocked=_blocked(self._run),
+            blocked_syscalls=self.refused if self._run.launch and self._run.launch.filter else None,
             **usage_fields(self._run.usage, spec),
         )
 
@@ -701,6 +799,7 @@ class Call:
     def kill(self) -> None:
         """End the jail (the body is over, or never came) and reap it; safe to call twice."""
         run = self._run
+        _close_all(self._namespaces)
         if self._entering:  # a body still running: it goes with the jail
             run.kill()
             _reap(self._entering)
@@ -741,7 +840,7 @@ def _fork(child: Callable[[], None]) -> int:
     return pid
 
 
-def _read_until_closed(run: _Run, outputs: dict[int, bytearray], timeout: float | None) -> bool:
+def _read_until_closed(run: _Run, outputs: dict[int, _Output], timeout: float | None) -> bool:
     """Read ``outputs`` until every one is closed; kill the jail at ``timeout``. Timed out?"""
     deadline = None if timeout is None else run.started + timeout
     poller = select.poll()
@@ -762,7 +861,7 @@ def _read_until_closed(run: _Run, outputs: dict[int, bytearray], timeout: float 
             for fd, _ in poller.poll(None if wait is None else wait * 1000):
                 chunk = os.read(fd, 65536)
                 if chunk:
-                    outputs[fd] += chunk
+                    outputs[fd].add(chunk)
                 else:
                     poller.unregister(fd)
                     open_fds.discard(fd)
@@ -771,6 +870,12 @@ def _read_until_closed(run: _Run, outputs: dict[int, bytearray], timeout: float 
             _close_quietly(fd)
         run.ended = time.monotonic()
     return timed_out
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close and forget descriptors (the list empties: a second call does nothing)."""
+    while fds:
+        _close_quietly(fds.pop())
 
 
 def _reap(pid: int) -> None:
@@ -800,6 +905,26 @@ def _blocked(run: _Run) -> list[str] | None:
                 attempts.append(f"... and {message['dropped']} more")
             return attempts
     return None
+
+
+def _refused(run: _Run) -> list[str] | None:
+    """The system calls init refused the command, or ``None`` without a filter."""
+    for message in run.messages:
+        if message["kind"] == "syscalls":
+            return [str(call) for call in message["calls"]][:64]
+    return [] if run.launch is not None and run.launch.filter is not None else None
+
+
+def _filter(spec: JailSpec, *, notify: bool = True) -> bytes | None:
+    """The jail's system call filter, as a program (``None``: unconfined)."""
+    base, allow, deny = spec.syscalls
+    if base == "unconfined":
+        return None
+    unknown = seccomp.unknown(allow + deny)
+    if unknown:
+        raise JailConfigError(f"syscalls: {', '.join(map(repr, unknown))} is not a system call of this machine "
+                              f"({platform.machine()})")
+    return seccomp.program(seccomp.Policy(base == "nested", frozenset(allow), frozenset(deny)), notify=notify)
 
 
 def _close_quietly(fd: int) -> None:

@@ -78,6 +78,15 @@ def probe_host() -> HostSupport:
     return HostSupport(True, mode)
 
 
+def _in_initial_user_namespace() -> bool:
+    return (_read("/proc/self/uid_map") or "").split() == ["0", "0", "4294967295"]
+
+
+def _filtered() -> bool:
+    """Whether a seccomp filter applies to this process (proc(5): Seccomp: 2)."""
+    return any(line.split() == ["Seccomp:", "2"] for line in (_read("/proc/self/status") or "").splitlines())
+
+
 def explain(error: JailSetupError) -> JailUnavailableError | None:
     """Turn a setup failure that the host's policy caused into reason + remedy (else ``None``)."""
     if error.step == "mount" and error.errno == errno.ENODEV and "overlay" in error.detail:
@@ -88,6 +97,12 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
     if error.errno not in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL):
         return None
     if error.step == "unshare":
+        if _filtered() and not _in_initial_user_namespace():  # a jail: a container's filter has its own line
+            return JailUnavailableError(
+                f"this process may not make namespaces (unshare: {error.detail}): it runs under a system call "
+                "filter, a jailed test's or a container's",
+                "in a jailed test, give it @pytest.mark.jail(syscalls='nested') (or JailSpec(syscalls='nested'))",
+            )
         if error.errno == errno.ENOSPC:
             return JailUnavailableError("the host's namespace limit is reached (unshare: ENOSPC)",
                                         "raise user.max_user_namespaces (sysctl -w user.max_user_namespaces=15000)")

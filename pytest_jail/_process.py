@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -107,13 +105,12 @@ class JailProcess:
     # -- stopping it --------------------------------------------------------------------------
 
     def terminate(self, grace: float = 5.0) -> JailResult:
-        """SIGTERM the command; after ``grace`` seconds kill the whole jail. Returns its result."""
-        pid = self.pid
-        if pid is not None and self._result is None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """SIGTERM the command; after ``grace`` seconds kill the whole jail. Returns its result.
+
+        The signal goes through the jail's init, the command's parent: its pid cannot be someone
+        else's before init reaps it (a pid read from /proc could be)."""
+        if self._result is None:
+            self._command.run.order(b"t")
             self._thread.join(grace)
         return self.kill()
 

@@ -47,6 +47,9 @@ class JailResult:
     cpu_time: float | None = None
     pids_limit_hit: int = 0  # forks refused at the process limit
     blocked: list[str] | None = None  # what it tried to reach outside; None: not recorded (net="host")
+    blocked_syscalls: list[str] | None = None  # what the system call filter refused; None: no filter
+    stdout_dropped: int = 0  # bytes of output beyond the output limit, counted and dropped
+    stderr_dropped: int = 0
     timeout: float | None = field(default=None, repr=False)
     memory_limit: int | None = field(default=None, repr=False)
     memory_budget: int | None = field(default=None, repr=False)
@@ -72,6 +75,13 @@ class JailResult:
         if not self.blocked:
             return None
         return f"network access blocked: {', '.join(self.blocked)}"
+
+    def syscalls_line(self) -> str | None:
+        """``blocked system call bpf (seccomp)``, or ``None``."""
+        if not self.blocked_syscalls:
+            return None
+        plural = "s" if len(self.blocked_syscalls) > 1 else ""
+        return f"blocked system call{plural} {', '.join(self.blocked_syscalls)} (seccomp)"
 
     def check_returncode(self) -> None:
         """Raise :class:`JailProcessError` if the command failed, timed out or was killed."""

@@ -41,6 +41,9 @@ def parse_size(value: object) -> int:
     return size
 
 
+#: The size of each private tmpfs of a jail without a memory limit (``tmpfs=`` sets another).
+DEFAULT_TMPFS = 1 << 30
+
 #: The least memory a jail is given: what a jail itself needs to be built (its helper and init
 #: are forks of the caller, their page tables count); a test body needs some megabytes more.
 MIN_MEMORY = 4 << 20
@@ -109,6 +112,9 @@ class JailSpec:
     :param workdir: the working directory inside (default: the caller's, where the jail shows it).
     :param nat: a bridged jail may reach beyond its segment, through the host's NAT.
     :param allow: ...but only these (``"203.0.113.7:443"``, ``"10.0.0.0/8"``); implies the NAT.
+    :param syscalls: the system call filter: ``"default"`` (Docker's baseline), ``"nested"`` (a jail
+        may hold jails: namespaces and mounts allowed), ``"unconfined"`` (no filter), or
+        ``{"allow": [...], "deny": [...]}`` on top of the default (``"nested": True`` too).
     """
 
     rootfs: str | None = None
@@ -125,9 +131,11 @@ class JailSpec:
     workdir: str | None = None
     nat: bool = False
     allow: tuple[str, ...] = field(default=())
+    syscalls: Any = "default"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "syscalls", _convert("syscalls", self.syscalls, _syscalls))
         if self.rootfs is not None:
             set_(self, "rootfs", _check_rootfs(self.rootfs))
         if self.workdir is not None:
@@ -188,6 +196,15 @@ class JailSpec:
     def segment(self) -> str | None:
         """The bridge segment this jail joins (``"bridge"`` is a segment too), or ``None``."""
         return self.net if isinstance(self.net, str) and self.net.startswith("bridge") else None
+
+    @property
+    def tmpfs_size(self) -> int:
+        """The size of each private tmpfs: ``tmpfs``, else half the memory limit (a disk filler
+        gets ENOSPC before the OOM killer comes), else 1G (the kernel's default, half the RAM,
+        is for every one of them)."""
+        if self.tmpfs is not None:
+            return self.tmpfs
+        return self.memory // 2 if self.memory is not None else DEFAULT_TMPFS
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -258,6 +275,27 @@ def _to_bind(value: object) -> Bind:
     if not isinstance(value, str):
         raise ValueError("a 'SRC:DST[:ro|rw]' string")
     return Bind.parse(value)
+
+
+#: What ``syscalls=`` may name as a whole.
+SYSCALL_POLICIES = ("default", "nested", "unconfined")
+_SYSCALL_NAME = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
+
+
+def _syscalls(value: object) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """``"default"`` / ``"nested"`` / ``"unconfined"``, or ``{"allow": [...], "deny": [...]}`` (and
+    ``"nested": True``), as (base, allowed names, denied names): hashable, comparable."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] in SYSCALL_POLICIES:
+        return value  # already converted (a merged spec)
+    if isinstance(value, str) and value in SYSCALL_POLICIES:
+        return value, (), ()
+    if isinstance(value, Mapping) and set(value) <= {"allow", "deny", "nested"}:
+        lists = {key: value.get(key, ()) for key in ("allow", "deny")}
+        if all(isinstance(v, (list, tuple)) and all(isinstance(n, str) and _SYSCALL_NAME.match(n) for n in v)
+               for v in lists.values()) and isinstance(value.get("nested", False), bool):
+            base = "nested" if value.get("nested") else "default"
+            return base, tuple(sorted(lists["allow"])), tuple(sorted(lists["deny"]))
+    raise ValueError("'default', 'nested', 'unconfined', or {'allow': [names], 'deny': [names]}")
 
 
 def _allow_entry(value: object) -> str:

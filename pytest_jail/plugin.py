@@ -7,6 +7,7 @@ the call phase releases it and takes the report it sends back over the wire.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import functools
 import os
@@ -202,18 +203,20 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def _item_spec(item: pytest.Item) -> JailSpec | None:
-    marker = item.get_closest_marker("jail")
+    """The test's jail: the defaults (ini, then CLI), then every jail marker from the farthest (a
+    module's) to the closest (the function's), each argument from the closest that sets it."""
+    markers = list(item.iter_markers_with_node("jail"))
     if item.get_closest_marker("nojail") is not None:
-        if marker is not None:
+        if markers:
             raise JailConfigError(f"{item.nodeid} has both the jail and the nojail marker; keep one")
         return None  # asked for by name: runs in pytest's process, as without the plugin
     jail_all = item.config.option.jail_all or _ini_bool(item.config, "jail_all")
-    if marker is None and not jail_all:
+    if not markers and not jail_all:
         return None
     spec = item.config.stash[base_spec_key]
-    if marker is not None:
+    for node, marker in reversed(markers):
         kwargs = dict(marker.kwargs)
-        source = f"jail marker on {item.nodeid}"
+        source = f"jail marker on {node.nodeid or node.name}"
         if len(marker.args) > 1:
             raise JailConfigError(f"{source}: takes at most one positional argument (rootfs), got {len(marker.args)}")
         if marker.args:
@@ -296,6 +299,11 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     item.stash[result_key] = result = call.result([item.nodeid], spec)
     outcome = call.outcome
     if outcome is not None:
+        try:  # what the body sent is the test's code's to forge: it must make sense before it is used
+            _replay.check(item, outcome)
+        except Exception as exc:
+            raise JailSetupError("wire", errno.EPROTO, f"the test body sent an outcome pytest cannot use ({exc})") \
+                from None
         item.stash[outcome_key] = outcome
         if outcome.get("report"):  # JUnit XML reads the item's properties, at teardown
             item.user_properties[:] = [tuple(p) for p in outcome["report"].get("user_properties", [])]
@@ -306,7 +314,11 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     ]
     item.ihook.pytest_jail_result(item=item, result=result)
     if outcome is not None:
-        _replay.replay(item, outcome, _OWN_KEYS, item.stash.get(warnings_key, None))
+        try:
+            _replay.replay(item, outcome, _OWN_KEYS, item.stash.get(warnings_key, None))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a forged outcome's shape
+            raise JailSetupError("wire", errno.EPROTO, f"the test body sent an outcome pytest cannot use ({exc!r})") \
+                from None
         if outcome.get("interrupt"):
             raise KeyboardInterrupt
         if outcome.get("exit") is not None:
@@ -314,7 +326,7 @@ def _jailed_runtest(item: pytest.Item, runtest: Any) -> None:
     if call.timed_out or (outcome is None and (result.oom_killed or result.pids_limit_hit)):
         pytest.fail(f"jail: {result.verdict()}{_last_words(call.last_words)}", pytrace=False)
     if call.error is not None:
-        raise JailSetupError("enter", call.error.get("errno"), call.error["detail"], call.error.get("path"))
+        raise JailSetupError(call.error["step"], call.error.get("errno"), call.error["detail"], call.error.get("path"))
     if outcome is None:
         if budget is not None and call.last_words.startswith(b"Timeout ("):  # pytest-timeout, thread method
             pytest.fail(f"Timeout (>{budget[0].timeout}s) from pytest-timeout: the jailed test body was stopped "
@@ -426,15 +438,18 @@ def pytest_runtest_makereport(
 
 
 def _note_blocked(report: pytest.TestReport, result: JailResult | None) -> None:
-    """What the body tried to reach outside: a section of every report (``-rA`` shows it for
-    passing tests too), and the first line of a failure."""
-    line = None if result is None else result.blocked_line()
-    if line is None or result is None:
+    """What the body tried and the jail refused (network access, system calls): a section of
+    every report (``-rA`` shows it for passing tests too), and the first line of a failure."""
+    if result is None:
         return
-    assert result.blocked is not None  # there is a line
-    report.sections.append(("jail: network access blocked", "\n".join(result.blocked)))
-    if report.failed:
-        report.longrepr = _Headed(f"jail: {line}", report.longrepr)  # type: ignore[assignment]
+    for line, title, items in (
+        (result.syscalls_line(), "jail: system calls refused (seccomp)", result.blocked_syscalls),
+        (result.blocked_line(), "jail: network access blocked", result.blocked),
+    ):
+        if line is not None and items:
+            report.sections.append((title, "\n".join(items)))
+            if report.failed:
+                report.longrepr = _Headed(f"jail: {line}", report.longrepr)  # type: ignore[assignment]
 
 
 #: How a refused connection reads in a failure (Python, and the C library's words).
@@ -585,6 +600,14 @@ class _GuardedJail:
         self._spawned: list[JailProcess] = []
 
     def _jail(self, kwargs: dict[str, Any]) -> Jail:
+        inside = self._item.stash.get(inside_key, None)
+        body = self._item.stash.get(spec_key, None)
+        if inside is not None and body is not None and body.syscalls[0] == "default":
+            raise JailConfigError(
+                f"jail.run() in the jailed body of {self._item.nodeid} makes a jail inside its jail, which the "
+                "default system call filter refuses (it is made of namespaces and mounts): give the test "
+                "@pytest.mark.jail(syscalls='nested')"
+            )
         rootfs = kwargs.get("rootfs", self.spec.rootfs)
         layers = self._item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and rootfs is not None else None

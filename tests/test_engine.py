@@ -209,12 +209,16 @@ def _cmdline(pid: str) -> str:
 
 
 def test_nested_jail() -> None:
-    """A jail can run a jail (a jailed test body calling jail.run)."""
+    """A jail whose filter allows it (syscalls="nested") can run a jail (a jailed test body calling
+    jail.run); the default filter refuses the namespaces a jail is made of, and says so."""
     code = "from pytest_jail import Jail; r = Jail().run(['sh', '-c', 'echo $$; hostname']); print(r.stdout, end='')"
-    result = Jail(JailSpec(hostname="outer"), exposures=[Exposure(p, p) for p in _runtime()]).run(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    outer = Jail(JailSpec(hostname="outer", syscalls="nested"), exposures=[Exposure(p, p) for p in _runtime()])
+    result = outer.run([sys.executable, "-c", code], env=env)
     assert result.stdout == "2\njail\n", result
+    refused = Jail(exposures=[Exposure(p, p) for p in _runtime()]).run([sys.executable, "-c", code], env=env)
+    assert refused.returncode == 1 and refused.blocked_syscalls == ["unshare"]
+    assert "syscalls='nested'" in refused.stderr
 
 
 def test_command_starts_with_default_signals() -> None:
@@ -240,7 +244,7 @@ def test_no_way_to_undo_the_jail() -> None:
         "unshare -Urm sh -c 'umount /tmp || echo nested-umount-refused; touch /usr/jail-x || echo nested-ro'; "
         "ls /proc | grep -cE '^[0-9]+$'"
     )
-    result = Jail().run(["sh", "-c", script])
+    result = Jail(JailSpec(syscalls="nested")).run(["sh", "-c", script])  # (the default filter refuses unshare too)
     lines = result.stdout.split("\n")
     bounding = int(lines[0].split()[1], 16)
     assert bounding == sum(1 << cap for cap in PAYLOAD_CAPABILITIES)  # Docker's default set

@@ -36,7 +36,7 @@ def test_minimal_dev() -> None:
     plan = _verbs(plan_mounts(None, []))
     binds = sorted(op.split()[-1] for op in plan if op.startswith("bind /oldroot/dev/") and " /newroot/dev/" in op)
     assert binds == sorted(f"/newroot/dev/{d}" for d in ("null", "zero", "full", "random", "urandom", "tty"))
-    assert "mount devpts /newroot/dev/pts devpts newinstance,ptmxmode=0666,mode=620" in plan
+    assert "mount devpts /newroot/dev/pts devpts newinstance,ptmxmode=0666,mode=620,max=256" in plan
     assert "symlink pts/ptmx /newroot/dev/ptmx" in plan
 
 

@@ -31,6 +31,18 @@ from pytest_jail import JailUnavailableError
 pytestmark = [needs_jail, needs_busybox]
 
 
+@pytest.fixture(autouse=True)
+def one_at_a_time_where_it_counts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests that look at the host's links and tables as a whole run alone; the others share.
+    (A lock file under the session's base temp dir, which pytest-xdist's workers have in common.)"""
+    import fcntl
+
+    whole_host = request.node.get_closest_marker("whole_host") is not None
+    with open(tmp_path_factory.getbasetemp().parent / "net-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if whole_host else fcntl.LOCK_SH)
+        yield
+
+
 def _links() -> set[str]:
     return {name for name in os.listdir("/sys/class/net") if name.startswith(("pjbr", "pjv"))}
 
@@ -123,6 +135,7 @@ def test_rootless_bridge_is_refused_with_the_cause() -> None:
 
 
 @root_mode
+@pytest.mark.whole_host
 def test_parallel_sessions_never_share_a_subnet_and_leave_nothing(jailed_pytester: pytest.Pytester) -> None:
     """pytest -n 2, each test on bridge:x: the two workers get different subnets (a segment belongs
     to one process), and no bridge, veth or lease is left after the run."""
@@ -149,6 +162,7 @@ def test_parallel_sessions_never_share_a_subnet_and_leave_nothing(jailed_pyteste
 
 
 @root_mode
+@pytest.mark.whole_host
 def test_killed_session_leaves_links_the_next_one_removes(jailed_pytester: pytest.Pytester, outside: str) -> None:
     """SIGKILL pytest while a bridged jail with a way out runs: its bridge, veth, nftables table
     and forwarding setting stay (nobody could remove them); the next pytest start removes them

@@ -219,10 +219,15 @@ def test_jail_fixture_unjailed_and_jailed(jailed_pytester: pytest.Pytester) -> N
             assert r.returncode == 0
             assert r.stdout.split()[0] == "1"
 
-        @pytest.mark.jail(hostname="outer")
+        @pytest.mark.jail(hostname="outer", syscalls="nested")
         def test_nested(jail):
             r = jail.run(["hostname"], hostname="inner")
             assert r.stdout == "inner\\n"
+
+        @pytest.mark.jail
+        def test_nested_needs_the_filter_to_allow_it(jail):
+            with pytest.raises(JailConfigError, match="syscalls='nested'"):
+                jail.run(["hostname"])
 
         def test_string_refused(jail):
             with pytest.raises(JailConfigError, match="argv must be a non-empty list"):
@@ -233,7 +238,7 @@ def test_jail_fixture_unjailed_and_jailed(jailed_pytester: pytest.Pytester) -> N
             assert r.timed_out and r.returncode == -9
         """
     )
-    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=4)
+    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=5)
 
 
 @pytest.mark.parametrize(

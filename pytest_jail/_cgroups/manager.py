@@ -243,7 +243,14 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_tree(path: str) -> None:
+    """Kill what is left in a stale group and remove it, whatever state a killed run left it in:
+    a frozen group is thawed first (a frozen process dies only when thawed)."""
     for child in _children_first(path):
+        for knob, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0"), ("cgroup.kill", "1")):
+            try:
+                write(os.path.join(child, knob), value)
+            except OSError:
+                pass  # not this hierarchy's knob (or no cgroup.kill before Linux 5.14)
         procs = os.path.join(child, "cgroup.procs")
         try:
             for pid in open(procs).read().split():

@@ -12,7 +12,9 @@ import os
 import stat
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ from .syscalls import MS_NOSUID
 from .syscalls import MS_PRIVATE
 from .syscalls import MS_RDONLY
 from .syscalls import MS_REC
+from .syscalls import RESOLVE_IN_ROOT
+from .syscalls import RESOLVE_NO_MAGICLINKS
 from .syscalls import Syscalls
 
 STAGE = "/tmp"  # any directory that exists everywhere; a tmpfs goes over it in our mount ns only
@@ -36,6 +40,8 @@ NEW = "/newroot"
 LOWER = "/lower"  # the rootfs, on the staging tmpfs, before it becomes an overlay's lower layer
 LAYER = "/layer"  # the overlay's upper and work directories
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+#: Pseudo-terminals one jail may open: the host's pool (kernel.pty.max) is shared by every jail.
+MAX_PTYS = 256
 _FRESH = ("proc", "dev", "tmp", "sys")
 
 # An operation is a tuple: (verb, *arguments). Verbs are the methods of Executor.
@@ -280,7 +286,7 @@ def _plan_dev(ops: list[Op], size: str) -> None:
     ops += [
         ("mkdir", dev + "/pts"),
         ("mount", "devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-         "newinstance,ptmxmode=0666,mode=620"),
+         f"newinstance,ptmxmode=0666,mode=620,max={MAX_PTYS}"),
         ("symlink", "pts/ptmx", dev + "/ptmx"),
         ("mkdir", dev + "/shm"),
         ("mount", "tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size),
@@ -445,7 +451,13 @@ def closed_ancestors(paths: Iterable[str], *, lstat: Callable[[str], os.stat_res
 
 
 class Executor:
-    """Carries out a plan made by :func:`plan_mounts`; each failure names the operation."""
+    """Carries out a plan made by :func:`plan_mounts`; each failure names the operation.
+
+    Paths in the new root (``/newroot/...``) are resolved at the moment of use, with the kernel
+    confining symlinks and ``..`` to the new root (openat2 RESOLVE_IN_ROOT), and acted on through
+    the descriptor found: a rootfs that something swaps between a directory and a symlink to a
+    host path while the jail is built cannot lead a mount point or a mount there.
+    """
 
     def __init__(
         self,
@@ -466,32 +478,76 @@ class Executor:
         for op in plan:
             getattr(self, op[0])(*op[1:])
 
+    # -- resolving paths in the new root ------------------------------------------------------
+
+    def _open(self, path: str, *, directory: bool = False) -> int:
+        """An O_PATH descriptor of ``path``: in the new root, resolved inside it."""
+        flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+        if not _under(path, NEW) or path == "/":
+            return os.open(path, flags)
+        root = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # anew: mounts on NEW change it
+        try:
+            return self.sys.openat2(root, path[len(NEW):].lstrip("/") or ".", flags,
+                                    RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        finally:
+            os.close(root)
+
+    @contextmanager
+    def _at(self, path: str) -> Iterator[str]:
+        """``path`` as the place found now, for a call that takes a path (mount(2)): the magic link
+        of its descriptor, which the kernel follows to exactly that place. (Paths of the staging
+        root are ours alone: they are used as they are.)"""
+        if not _under(path, NEW) or path == "/":
+            yield path
+            return
+        fd = self._open(path)
+        try:
+            yield f"{OLD}/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _in_parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """The directory that holds ``path`` (found as above) and the last name in it."""
+        parent, name = os.path.split(path.rstrip("/"))
+        fd = self._open(parent, directory=True)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    # -- the verbs of a plan ------------------------------------------------------------------
+
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-        self.sys.mount(source, target, fstype, flags, data)
+        with self._at(target) as place:
+            self.sys.mount(source, place, fstype, flags, data)
 
     def optional_mount(self, source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
         """A mount the jail can do without (a container may refuse cgroup filesystems)."""
         try:
-            self.sys.mount(source, target, fstype, flags, data)
+            self.mount(source, target, fstype, flags, data)
         except OSError:
             pass
 
     def bind(self, source: str, target: str, recursive: bool) -> None:
         host = source[len(OLD):] if source.startswith(OLD + "/") else source
-        if host in self.trees:
-            self.sys.attach_tree(self.trees[host], target)
-            return
-        fd = self.sources.get(host)
-        if fd is not None:
-            source = f"{OLD}/proc/self/fd/{fd}"
-        self.sys.mount(source, target, None, MS_BIND | (MS_REC if recursive else 0), None)
+        with self._at(target) as place:
+            if host in self.trees:
+                self.sys.attach_tree(self.trees[host], place)
+                return
+            fd = self.sources.get(host)
+            if fd is not None:
+                source = f"{OLD}/proc/self/fd/{fd}"
+            self.sys.mount(source, place, None, MS_BIND | (MS_REC if recursive else 0), None)
 
     def readonly(self, target: str, recursive: bool) -> None:
-        self.sys.mount_setattr(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+        with self._at(target) as place:
+            self.sys.mount_setattr(place, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
 
     def seal(self, target: str, recursive: bool) -> None:
         """Writable, but no set-uid programs and no device nodes."""
-        self.sys.mount_setattr(target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+        with self._at(target) as place:
+            self.sys.mount_setattr(place, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
 
     def lower(self, source: str, target: str) -> None:
         """The rootfs as an overlay's lower layer: a tree the parent cloned (and id-mapped) if it
@@ -511,30 +567,40 @@ class Executor:
         os.chdir(path)
 
     def mkdir(self, path: str) -> None:
-        try:
-            os.mkdir(path, 0o755)
-        except FileExistsError:
-            pass
+        with self._in_parent(path) as (parent, name):
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            except FileExistsError:
+                pass
 
     def mkdir_p(self, path: str) -> None:
-        os.makedirs(path, 0o755, exist_ok=True)
+        """Each missing directory on the way made in its parent as found then, never through a
+        symlink (one that appears leads the next lookup inside the new root, or fails)."""
+        parts = path.rstrip("/").split("/")
+        for i in range(2, len(parts) + 1):
+            self.mkdir("/".join(parts[:i]))
 
     def touch(self, path: str) -> None:
-        try:  # O_EXCL: opening an existing file of an overlay for writing would copy it up
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-        except FileExistsError:
-            pass
+        with self._in_parent(path) as (parent, name):
+            try:  # O_EXCL: opening an existing file of an overlay for writing would copy it up
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                os.close(os.open(name, flags, 0o644, dir_fd=parent))
+            except FileExistsError:
+                pass
 
     def touch_p(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        self.mkdir_p(os.path.dirname(path))
         self.touch(path)
 
     def symlink(self, target: str, path: str) -> None:
-        os.symlink(target, path)
+        with self._in_parent(path) as (parent, name):
+            os.symlink(target, name, dir_fd=parent)
 
     def write(self, path: str, text: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+        with self._in_parent(path) as (parent, name):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(name, flags, 0o644, dir_fd=parent)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)

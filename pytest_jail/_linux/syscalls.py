@@ -64,6 +64,9 @@ AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_SYMLINKS = 0x10
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -78,9 +81,16 @@ IFF_NO_PI = 0x1000
 
 # Syscall numbers glibc has no wrapper for (asm-generic numbers are shared by arm64 and riscv).
 _NUMBERS = {
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126, "open_tree": 428, "move_mount": 429},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91, "open_tree": 428, "move_mount": 429},
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126, "open_tree": 428, "move_mount": 429,
+               "keyctl": 250, "openat2": 437, "seccomp": 317},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91, "open_tree": 428, "move_mount": 429,
+                "keyctl": 219, "openat2": 437, "seccomp": 277},
 }
+KEYCTL_JOIN_SESSION_KEYRING = 1
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
 
 
 class _MountAttr(ctypes.Structure):
@@ -90,6 +100,25 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _SeccompNotif(ctypes.Structure):  # struct seccomp_notif, with its struct seccomp_data
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("nr", ctypes.c_int32), ("arch", ctypes.c_uint32), ("ip", ctypes.c_uint64),
+                ("args", ctypes.c_uint64 * 6)]
+
+
+class _SeccompResp(ctypes.Structure):  # struct seccomp_notif_resp
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
 
 
 class _SockaddrIn(ctypes.Structure):
@@ -189,13 +218,65 @@ class Syscalls:
         """Mount a detached tree (from :meth:`clone_tree`) at ``target`` (``move_mount``)."""
         ret = self._libc.syscall(
             ctypes.c_long(self._nr["move_mount"]), ctypes.c_int(tree), b"", ctypes.c_int(-100),
-            os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+            os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS),
         )
         self._check(ret, target)
+
+    def openat2(self, dirfd: int, path: str, flags: int, resolve: int) -> int:
+        """Open ``path`` below ``dirfd`` with the kernel's own resolution rules (openat2(2), Linux 5.6):
+        with RESOLVE_IN_ROOT, symlinks and ``..`` never leave ``dirfd``, whatever they say."""
+        how = _OpenHow(flags, 0, resolve)
+        ret = self._libc.syscall(ctypes.c_long(self._nr["openat2"]), ctypes.c_int(dirfd), os.fsencode(path),
+                                 ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        self._check(ret, path)
+        return int(ret)
 
     def setns(self, fd: int, nstype: int) -> None:
         """Move the calling thread into the namespace ``fd`` refers to (``os.setns`` is 3.12+)."""
         self._check(self._libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+
+    def join_session_keyring(self) -> None:
+        """Leave the caller's session keyring for a new, empty, anonymous one (keyctl(2)): keys
+        pytest's session holds are out of reach from here on."""
+        ret = self._libc.syscall(ctypes.c_long(self._nr["keyctl"]), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING), None)
+        self._check(ret)
+
+    def wipe_environment_block(self) -> None:
+        """Zero the environment this process was started with, which /proc/self/environ shows
+        whatever os.environ holds now (proc(5): env_start, env_end)."""
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5), from "state" (3)
+        if 0 < start < end:
+            ctypes.memset(start, 0, end - start)
+
+    def install_filter(self, program: bytes, *, listener: bool = True) -> int | None:
+        """Install a seccomp filter on the calling thread (and what it forks, execs included);
+        with ``listener``, returns the descriptor on which the calls it hands over arrive (Linux
+        5.0; EBUSY where a filter above has one already)."""
+        buffer = ctypes.create_string_buffer(program, len(program))
+        prog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+        flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
+        ret = self._libc.syscall(ctypes.c_long(self._nr["seccomp"]), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+                                 ctypes.c_uint(flags), ctypes.byref(prog))
+        self._check(ret)
+        return int(ret) if listener else None
+
+    def next_refusal(self, listener: int) -> tuple[int, int, list[int]] | None:
+        """The next call the filter handed over: (its id, its number, its arguments); ``None`` when
+        the caller died meanwhile."""
+        notif = _SeccompNotif()
+        if self._libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_RECV), ctypes.byref(notif)) < 0:
+            err = ctypes.get_errno()
+            if err in (2, 4):  # ENOENT: gone; EINTR
+                return None
+            raise OSError(err, os.strerror(err))
+        return notif.id, notif.nr, list(notif.args)
+
+    def refuse(self, listener: int, call: int, errno: int) -> None:
+        """Answer a handed-over call: it fails with ``errno``."""
+        resp = _SeccompResp(call, 0, -errno, 0)
+        self._libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SEND), ctypes.byref(resp))
 
     def sethostname(self, name: str) -> None:
         raw = name.encode()

@@ -1,0 +1,107 @@
+"""Supervisor faults: jails outlive the thread that started them, die with pytest's process, and
+are signalled only through what cannot be someone else's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from attack import needs_jail
+from attack import root_mode
+
+from pytest_jail import Jail
+from pytest_jail import JailProcess
+
+pytestmark = needs_jail
+
+
+def test_a_jail_outlives_the_thread_that_spawned_it() -> None:
+    """PR_SET_PDEATHSIG follows the *thread* that forked: a jail spawned from a thread that then
+    exits was killed. Jails now watch pytest's process instead."""
+    spawned: list[JailProcess] = []
+    thread = threading.Thread(target=lambda: spawned.append(Jail().spawn(["sleep", "30"])))
+    thread.start()
+    thread.join()
+    process = spawned[0]
+    try:
+        time.sleep(0.3)
+        assert process.returncode is None  # still running, its thread long gone
+    finally:
+        result = process.kill()
+    assert result.returncode == -9
+
+
+def test_a_jail_dies_with_pytests_process() -> None:
+    """...and the jail goes when the process that started it goes, however it goes (SIGKILL)."""
+    tag = f"pj-orphan-{os.getpid()}"
+    script = (
+        "import sys, time\n"
+        "from pytest_jail import Jail\n"
+        f"Jail().spawn(['sh', '-c', 'exec -a {tag} sleep 300'])\n"
+        "print('spawned', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "spawned\n"
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 10
+    while _tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _tagged(tag) == []
+
+
+def _tagged(tag: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(tag.encode()):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_terminate_goes_through_the_jails_init() -> None:
+    """JailProcess.terminate() asks the jail's init to SIGTERM its pid 2 (init's own child: its
+    pid cannot be reused before init reaps it), not os.kill() on a pid read from /proc."""
+    with Jail().spawn(["sh", "-c", "trap 'echo got TERM; exit 3' TERM; sleep 30 & wait"]) as process:
+        time.sleep(0.3)
+        result = process.terminate()
+    assert (result.returncode, result.stdout) == (3, "got TERM\n")
+
+
+@root_mode
+def test_a_frozen_stale_cgroup_is_cleaned_at_once(tmp_path: os.PathLike[str]) -> None:
+    """A pytest killed while it froze a jail's group (v1's way to kill) left a frozen group: the
+    next start thaws it, kills what is in it and removes it, without waiting (before: ~32 s)."""
+    from pytest_jail._cgroups.detect import detect
+    from pytest_jail._cgroups.manager import PREFIX
+    from pytest_jail._cgroups.manager import clean_stale_everywhere
+
+    layout = detect()
+    freezer = layout.v1.get("freezer")
+    if freezer is None:
+        pytest.skip("needs a v1 freezer hierarchy (this host's is hybrid; a pure v2 kernel has no such state)")
+    dead = next(n for n in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{n}"))  # no such process
+    stale = os.path.join(freezer, f"{PREFIX}{dead}.stale", "j0")
+    os.makedirs(stale)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with open(os.path.join(stale, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        with open(os.path.join(stale, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        started = time.monotonic()
+        clean_stale_everywhere()
+        took = time.monotonic() - started
+        assert not os.path.exists(os.path.dirname(stale))
+        assert sleeper.wait(timeout=5) == -9 and took < 5, took
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
