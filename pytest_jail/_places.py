@@ -142,7 +142,8 @@ class SubprocessCoverage:
     def collect(self) -> None:
         """Move what the programs wrote next to the data file, as parallel data to combine."""
         for name in sorted(os.listdir(self.directory)):
-            if name.startswith(".coverage"):
+            entry = os.lstat(os.path.join(self.directory, name))
+            if name.startswith(".coverage") and stat.S_ISREG(entry.st_mode):  # a jail's symlink moves nothing
                 os.replace(os.path.join(self.directory, name),
                            f"{self.data_file}.pytest-jail.{os.getpid()}.{uuid.uuid4().hex[:12]}")
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -152,13 +153,18 @@ def _chown_tree(path: str, uid: int) -> None:
     """Root mode, where the filesystem cannot be id-mapped: hand the test's temp dir to the jail's
     root (an unprivileged host uid).
 
-    Files with other hard links are left alone: the link may be a host file (``/etc/passwd``
-    linked in by a fixture) that must not change owner.
+    Walked through directory descriptors, never by path (``os.fwalk`` opens each directory with
+    ``O_NOFOLLOW`` and checks it is the one it listed): a jail that swaps a directory of the tree
+    for a symlink to ``/etc`` between two walks gets nothing re-owned outside the tree. Files with
+    other hard links are left alone: the link may be a host file (``/etc/passwd`` linked in by a
+    fixture) that must not change owner.
     """
-    os.lchown(path, uid, uid)
-    for parent, dirs, files in os.walk(path):
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
         for name in dirs + files:
-            entry = os.path.join(parent, name)
-            st = os.lstat(entry)
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                os.lchown(entry, uid, uid)
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                    os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:  # gone meanwhile: nothing to hand over
+                pass

@@ -129,6 +129,48 @@ def test_tmp_path_swapped_for_a_symlink_never_rechowns_a_host_file(tmp_path: os.
         os.unlink(secret)
 
 
+@root_mode
+def test_the_chown_fallback_never_follows_a_swapped_directory(tmp_path: os.PathLike[str]) -> None:
+    """Where the filesystem cannot be id-mapped, root mode hands the temp dir to the jail's uid
+    by walking it; a jailed process swapping a directory there for a symlink to a host directory,
+    as fast as it can, must get nothing outside re-owned (the walk goes through descriptors)."""
+    from pytest_jail._places import _chown_tree
+
+    host_dir = os.path.join(os.path.dirname(tmp_path), f"pj-host-{os.getpid()}")
+    os.mkdir(host_dir, 0o700)
+    victim = os.path.join(host_dir, "victim")
+    with open(victim, "w") as f:
+        f.write("root only")
+    tree = os.path.join(tmp_path, "tree")
+    os.makedirs(os.path.join(tree, "d", "e"))
+    stop = threading.Event()
+
+    link = os.path.join(tree, "l")
+    os.symlink(host_dir, link)
+
+    def swap() -> None:
+        while not stop.is_set():
+            _exchange(os.path.join(tree, "d"), link)
+
+    racer = threading.Thread(target=swap)
+    racer.start()
+    try:
+        with untouched(victim):
+            for _ in range(300):
+                _chown_tree(tree, 123456)
+        assert os.stat(host_dir).st_uid == 0
+    finally:
+        stop.set()
+        racer.join()
+        shutil.rmtree(host_dir)
+
+
+def _exchange(a: str, b: str) -> None:
+    """renameat2(RENAME_EXCHANGE): swap two names atomically, whatever they are."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.renameat2(-100, a.encode(), -100, b.encode(), 2)
+
+
 def test_no_hard_link_to_a_host_file(tmp_path: os.PathLike[str]) -> None:
     """A jail cannot hard-link a host file into its writable temp dir (to write it through
     there): the link crosses mounts."""
