@@ -92,9 +92,11 @@ def plan_for(
     layer: str | None = None,
     binds: tuple[str, ...] = (),
     record: bool = False,
+    own_net: bool = False,
 ) -> list[Any]:
     """The mount plan of a jail; ``binds`` are the targets the user bound explicitly, which the
-    host view's hygiene leaves alone."""
+    host view's hygiene leaves alone; ``own_net``: the jail has a network namespace of its own
+    (its ``/sys`` is a fresh sysfs that lists its devices)."""
     closed = closed_ancestors(e.source for e in exposures) if root_map else set()
     # A mapped exposure is the jail root's own: its closed directories are not closed to the jail.
     closed = {c for c in closed if not any(_is_under(c, e.source) for e in exposures if e.mapped)}
@@ -111,12 +113,13 @@ def plan_for(
         exposures = exposures + tuple(r for r in revealed if all(e.target != r.target for e in exposures))
         resolv = _resolv_conf("/") if record and "/etc/resolv.conf" not in binds else None
         return _cached_plan(view, None, exposures, frozenset(closed), tmp_size, None, scratch, hidden, resolv,
-                            host_cgroups(view))
+                            host_cgroups(view), own_net)
     resolv = _resolv_conf(rootfs) if record and "/etc/resolv.conf" not in binds else None
     # Mount points are made while the host is still in view: a symlink in the rootfs must not
     # lead them there, so each target is first resolved as the jail will see it.
     exposures = tuple(Exposure(e.source, resolve_in_root(rootfs, e.target), e.writable) for e in exposures)
-    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv, host_cgroups(view))
+    return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv, host_cgroups(view),
+                        own_net)
 
 
 def resolve_in_root(root: str, path: str) -> str:
@@ -134,9 +137,12 @@ def resolve_in_root(root: str, path: str) -> str:
                 resolved.pop()
             continue
         candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate) and hops < 40:
+        try:
+            link = os.readlink(candidate) if hops < 40 else None
+        except OSError:  # not a link (or gone): a plain part. A jail swapping it meanwhile gains
+            link = None  # nothing: the mount itself resolves the target again, in the new root
+        if link is not None:
             hops += 1
-            link = os.readlink(candidate)
             if link.startswith("/"):
                 resolved = []
             parts = [p for p in link.split("/") if p] + parts
@@ -168,10 +174,11 @@ def _cached_plan(
     hidden: tuple[str, ...],
     resolv: str | None,
     cgroups: tuple[CgroupMount, ...],
+    own_net: bool,
 ) -> list[Any]:
     return plan_mounts(
         rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
-        resolv=resolv, cgroups=cgroups,
+        resolv=resolv, cgroups=cgroups, own_net=own_net,
     )
 
 

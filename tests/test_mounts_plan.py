@@ -111,11 +111,18 @@ def test_host_view_hygiene() -> None:
 
 
 def test_hidden_full_proc_for_nested_jails() -> None:
-    """A second, unmasked /proc is buried under an empty read-only tmpfs: the kernel lets a nested
-    jail mount its own /proc only if one exists, and nothing in the jail can reach it."""
+    """A second, unmasked /proc and /sys are buried under an empty read-only tmpfs: the kernel lets
+    a nested jail mount its own only if one exists, and nothing in the jail can reach them. With a
+    network of its own the jail's /sys is a fresh sysfs (of its network namespace), read-only."""
     plan = _verbs(plan_mounts(None, []))
     buried = plan.index("mount proc /newroot/dev/.pytest-jail/proc proc")
-    assert plan[buried + 1] == "mount tmpfs /newroot/dev/.pytest-jail tmpfs mode=0000,size=0"
+    assert plan[buried + 1:buried + 4] == ["mkdir /newroot/dev/.pytest-jail/sys",
+                                           "bind /oldroot/sys /newroot/dev/.pytest-jail/sys",
+                                           "mount tmpfs /newroot/dev/.pytest-jail tmpfs mode=0000,size=0"]
+    own = _verbs(plan_mounts(None, [], own_net=True))
+    assert own.count("mount sysfs /newroot/sys sysfs") == 1
+    buried = own.index("mount sysfs /newroot/dev/.pytest-jail/sys sysfs")
+    assert own[buried + 1] == "mount tmpfs /newroot/dev/.pytest-jail tmpfs mode=0000,size=0"
 
 
 def test_closed_ancestors() -> None:

@@ -73,6 +73,7 @@ def plan_mounts(
     hidden: Sequence[str] = (),
     resolv: str | None = None,
     cgroups: Sequence[CgroupMount] = (),
+    own_net: bool = False,
     exists: Callable[[str], bool] = os.path.lexists,
     isdir: Callable[[str], bool] = os.path.isdir,
     listdir: Callable[[str], list[str]] = os.listdir,
@@ -97,6 +98,8 @@ def plan_mounts(
         exposure is hidden behind an empty tmpfs in which the exposure's mount point is made.
     :param cgroups: the host's cgroup filesystems under ``/sys/fs/cgroup`` (:func:`cgroup_mounts`),
         mounted again in the jail's own cgroup namespace, so the jail reads its own limits there.
+    :param own_net: the jail has a network namespace of its own: its ``/sys`` is a fresh sysfs
+        (``/sys/class/net`` lists its devices, not the host's); else the host's, read-only.
     """
     ops: list[Op] = [
         # Propagation first: nothing we mount may leak back to the host (mount_namespaces(7)).
@@ -122,8 +125,11 @@ def plan_mounts(
         tree.overlay = True
         for name in _FRESH:
             ops.append(("mkdir", NEW + "/" + name))
-        ops.append(("bind", OLD + "/sys", NEW + "/sys", True))
-        ops.append(("readonly", NEW + "/sys", True))
+        if not own_net:
+            ops.append(("bind", OLD + "/sys", NEW + "/sys", True))
+            ops.append(("readonly", NEW + "/sys", True))
+    if own_net:
+        ops.append(("mount", "sysfs", NEW + "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None))
     # Exposures first (one may have to shadow a whole directory, / included), then the fresh
     # /proc, /dev and /tmp on top, then what lives inside the fresh /tmp (the test's tmp_path).
     ordered = sorted(exposures, key=lambda e: e.target.count("/"))
@@ -133,7 +139,7 @@ def plan_mounts(
             tree.expose(exposure)
     _plan_proc(ops, exists, isdir)
     _plan_dev(ops, size)
-    _plan_sys(ops, exists, resolv)
+    _plan_sys(ops, exists, resolv, own_net)
     _plan_cgroups(ops, cgroups)
     tree.tmpfs("/tmp", "mode=1777" + size)
     for exposure in in_fresh:
@@ -194,14 +200,14 @@ def _plan_proc(ops: list[Op], exists: Callable[[str], bool], isdir: Callable[[st
             ops += [("bind", f"{proc}/{name}", f"{proc}/{name}", True), ("readonly", f"{proc}/{name}", True)]
 
 
-def _plan_sys(ops: list[Op], exists: Callable[[str], bool], resolv: str | None) -> None:
+def _plan_sys(ops: list[Op], exists: Callable[[str], bool], resolv: str | None, own_net: bool) -> None:
     if exists("/sys/firmware"):  # ACPI tables, EFI variables: the machine's, not the test's
         ops.append(("mount", "tmpfs", NEW + "/sys/firmware", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
                     "mode=0555,size=0"))
-    # A full, uncovered proc must exist in a mount namespace for a jail nested in this one to
-    # mount its own /proc (the kernel's "mnt_already_visible" check); the masks above cover this
-    # one. This second proc is mounted, then buried under an empty read-only tmpfs: the kernel
-    # still counts it, nothing in the jail can reach it.
+    # A full, uncovered proc (and sysfs) must exist in a mount namespace for a jail nested in this
+    # one to mount its own (the kernel's "mnt_already_visible" check); the masks above cover this
+    # one. This second proc and sysfs are mounted, then buried under an empty read-only tmpfs: the
+    # kernel still counts them, nothing in the jail can reach them.
     ops.append(("mkdir", NEW + HIDDEN_PROC))
     if resolv is not None:  # written in the directory about to be buried; the bind keeps the file
         ops += [
@@ -212,6 +218,9 @@ def _plan_sys(ops: list[Op], exists: Callable[[str], bool], resolv: str | None) 
     ops += [
         ("mkdir", NEW + HIDDEN_PROC + "/proc"),
         ("mount", "proc", NEW + HIDDEN_PROC + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+        ("mkdir", NEW + HIDDEN_PROC + "/sys"),
+        ("mount", "sysfs", NEW + HIDDEN_PROC + "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None)
+        if own_net else ("bind", OLD + "/sys", NEW + HIDDEN_PROC + "/sys", True),
         ("mount", "tmpfs", NEW + HIDDEN_PROC, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
          "mode=0000,size=0"),
     ]
