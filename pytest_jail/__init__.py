@@ -8,6 +8,7 @@ from ._errors import JailProcessError
 from ._errors import JailSetupError
 from ._errors import JailTimeoutError
 from ._errors import JailUnavailableError
+from ._errors import JailWarning
 from ._jail import Jail
 from ._process import JailProcess
 from ._result import JailResult
@@ -26,6 +27,7 @@ __all__ = [
     "JailSpec",
     "JailTimeoutError",
     "JailUnavailableError",
+    "JailWarning",
 ]
 
 for _name in __all__:

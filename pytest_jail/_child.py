@@ -42,16 +42,25 @@ NAMESPACES = (
     | sc.CLONE_NEWCGROUP
 )
 
-#: What the jail's root may still do, all of it inside its own user namespace: the default set
-#: of Docker and Podman (so ``sshd``, ``su`` and ``chown`` work as on a small Linux), CAP_SETFCAP
-#: included, which a uid-0 process needs to create a user namespace that maps uid 0 (Linux 5.12),
-#: so a jail can nest a jail. CAP_SYS_ADMIN is not there: nothing can be mounted, unmounted or
-#: remounted, so what hides the host stays. Nor CAP_DAC_READ_SEARCH (open_by_handle_at).
+#: What the jail's root (root mode) may still do, all of it inside its own user namespace: the
+#: default set of Docker and Podman (so ``sshd``, ``su`` and ``chown`` work as on a small Linux)
+#: without CAP_NET_RAW (raw and packet sockets: ``cap_add=["NET_RAW"]`` gives it back; ``ping``
+#: works without it, through the ICMP sockets every group of the jail may open), and with
+#: CAP_SETFCAP, which a uid-0 process needs to create a user namespace that maps uid 0 (Linux
+#: 5.12), so a jail can nest a jail. CAP_SYS_ADMIN is not there: nothing can be mounted, unmounted
+#: or remounted, so what hides the host stays. Nor CAP_DAC_READ_SEARCH (open_by_handle_at).
+#: Rootless, the jail's code runs as the user, with no capability but those of ``cap_add``.
 PAYLOAD_CAPABILITIES = (
     sc.CAP_CHOWN, sc.CAP_DAC_OVERRIDE, sc.CAP_FOWNER, sc.CAP_FSETID, sc.CAP_KILL, sc.CAP_SETGID, sc.CAP_SETUID,
-    sc.CAP_SETPCAP, sc.CAP_NET_BIND_SERVICE, sc.CAP_NET_RAW, sc.CAP_SYS_CHROOT, sc.CAP_MKNOD, sc.CAP_AUDIT_WRITE,
-    sc.CAP_SETFCAP,
+    sc.CAP_SETPCAP, sc.CAP_NET_BIND_SERVICE, sc.CAP_SYS_CHROOT, sc.CAP_MKNOD, sc.CAP_AUDIT_WRITE, sc.CAP_SETFCAP,
 )
+
+
+def capabilities(added: Sequence[str], root_map: bool) -> tuple[int, ...]:
+    """What the jail's code keeps: Docker's set less NET_RAW as the jail's root, nothing as a
+    user (rootless), plus what ``cap_add`` names."""
+    extra = tuple(getattr(sc, "CAP_" + name) for name in added)
+    return (PAYLOAD_CAPABILITIES if root_map else ()) + extra
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Launch:
     quiet_filter: bytes | None = None  # ...the same without a supervisor, for a jail in a jail
     listener: int | None = None  # ...where the calls it refuses arrive, in init
     refused: list[str] = field(default_factory=list)  # ...and their names, for the report
+    capabilities: tuple[int, ...] = PAYLOAD_CAPABILITIES  # what the jail's code keeps
     syscalls: sc.Syscalls = field(default_factory=sc.Syscalls)
 
 
@@ -157,6 +167,13 @@ def helper_main(launch: Launch) -> NoReturn:
                 launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)
             else:
                 _write_own_map(uid, gid)
+        if not launch.share_net:
+            with _step(launch, "ping sockets"):
+                try:
+                    _open_ping_sockets()
+                except OSError as exc:  # a jail in a jail: /proc/sys is read-only there, no ping sockets
+                    if exc.errno != errno.EROFS:
+                        raise
         with _step(launch, "session keyring"):
             _join_fresh_keyring(launch.syscalls)  # the keys of pytest's session stay out of reach
         # A test body enters the jail later through these: our own namespaces, and the pid
@@ -358,7 +375,7 @@ def _spawn_command(launch: Launch) -> int:
     with _step(launch, "drop capabilities"):
         # In every mode: the jail's root must not be able to unmount or remount what hides the
         # host (capabilities(7): with an empty bounding set, exec gives even uid 0 nothing).
-        launch.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
+        launch.syscalls.drop_capabilities(keep=launch.capabilities, ambient=not launch.root_map)
     if launch.filter is not None:
         with _step(launch, "seccomp"):  # init too: it only reaps and answers from here on
             launch.listener = _install_filter(launch.syscalls, launch.filter, launch.quiet_filter)
@@ -419,6 +436,7 @@ class Entry:
     syscalls: sc.Syscalls
     filter: bytes | None = None  # the system call filter; None: unconfined
     quiet_filter: bytes | None = None  # ...without a supervisor, for a jail in a jail
+    capabilities: tuple[int, ...] = PAYLOAD_CAPABILITIES  # what the body keeps
 
 
 def enter_body(entry: Entry) -> None:
@@ -458,7 +476,7 @@ def enter_body(entry: Entry) -> None:
         _seal_descriptors(keep=(entry.channel, entry.crash))
         os.chdir(entry.cwd)
         entry.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        entry.syscalls.drop_capabilities(keep=PAYLOAD_CAPABILITIES)
+        entry.syscalls.drop_capabilities(keep=entry.capabilities, ambient=not entry.root_map)
     except OSError as exc:
         _tell(entry.channel, "error", step="enter", errno=exc.errno, detail=exc.strerror or str(exc), path=exc.filename)
         _exit(127)
@@ -531,6 +549,15 @@ def _tell(fd: int, kind: str, **fields: Any) -> None:
         _wire.send(fd, kind, **fields)
     except OSError:
         pass
+
+
+def _open_ping_sockets() -> None:
+    """Let every group of the jail open ICMP sockets in its network namespace (``ping`` without
+    CAP_NET_RAW, as Docker does). Written through the host's /proc while it is still in view:
+    /proc/sys/net is the namespace of whoever opens it. The range must be gids of our map."""
+    with open("/proc/self/gid_map") as f:
+        first, _, count = (int(n) for n in f.readline().split())
+    _write("/proc/sys/net/ipv4/ping_group_range", f"{first} {first + count - 1}".encode())
 
 
 def _write_own_map(uid: int, gid: int) -> None:

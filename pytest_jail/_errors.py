@@ -11,6 +11,8 @@
     ├── JailTimeoutError (TimeoutError)       the wall-clock limit killed the jail
     └── JailProcessError (subprocess.CalledProcessError)   a command failed; carries .result
 
+    JailWarning (UserWarning)                 worth fixing, not worth failing (a rootfs others own)
+
 Every class survives ``pickle`` (xdist and the jail's own wire both move errors between
 processes).
 """
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 
 class JailError(Exception):
     """Base class of every error pytest-jail raises."""
+
+
+class JailWarning(UserWarning):
+    """Something about a jail the user should know and may want to fix (a rootfs another user owns)."""
 
 
 class JailConfigError(JailError, ValueError):

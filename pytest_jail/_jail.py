@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import platform
 import select
 import selectors
 import signal
@@ -350,7 +349,7 @@ class Jail:
         # What it tries to reach outside is recorded and refused, unless it may reach everything.
         record = spec.net != "host" and spec.way_out != ()
         binds = tuple(b.target for b in spec.binds)
-        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, record)
+        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, record, own_net=spec.net != "host")
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
@@ -370,6 +369,7 @@ class Jail:
             mapped=tuple(e.source for e in exposures if e.mapped) if root_map else (),
             filter=_filter(spec),
             quiet_filter=_filter(spec, notify=False),
+            capabilities=_child.capabilities(spec.cap_add, root_map),
             cgroup_procs=group.procs_files if group is not None else [],
             **payload,
         )
@@ -701,6 +701,7 @@ class Call:
             syscalls=launch.syscalls,
             filter=launch.filter,
             quiet_filter=launch.quiet_filter,
+            capabilities=launch.capabilities,
         )
         run.started = time.monotonic()
         try:
@@ -920,10 +921,6 @@ def _filter(spec: JailSpec, *, notify: bool = True) -> bytes | None:
     base, allow, deny = spec.syscalls
     if base == "unconfined":
         return None
-    unknown = seccomp.unknown(allow + deny)
-    if unknown:
-        raise JailConfigError(f"syscalls: {', '.join(map(repr, unknown))} is not a system call of this machine "
-                              f"({platform.machine()})")
     return seccomp.program(seccomp.Policy(base == "nested", frozenset(allow), frozenset(deny)), notify=notify)
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import re
+import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
 from ._errors import JailConfigError
+from ._errors import JailWarning
+from ._linux import seccomp
 from ._linux.firewall import parse_allow
 from .rootfs import NAMES
 
@@ -41,6 +46,10 @@ def parse_size(value: object) -> int:
     return size
 
 
+#: What ``cap_add=`` may give back: each reaches only the jail's own namespaces (its network,
+#: its processes); none of them can undo the mounts that hide the host.
+ADDABLE_CAPABILITIES = ("NET_RAW", "NET_ADMIN", "IPC_LOCK", "SYS_PTRACE", "SYS_NICE", "SYS_RESOURCE")
+
 #: The size of each private tmpfs of a jail without a memory limit (``tmpfs=`` sets another).
 DEFAULT_TMPFS = 1 << 30
 
@@ -57,6 +66,21 @@ def _memory_limit(value: object) -> int:
     if size < MIN_MEMORY:
         raise ValueError(f"a size of at least {format_size(MIN_MEMORY)} (what a jail itself needs), like 64M or 1G")
     return size
+
+
+def _cap_add(value: object) -> tuple[str, ...]:
+    names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+    allowed = ", ".join(ADDABLE_CAPABILITIES)
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(f"a list of names from {allowed}")
+    found = []
+    for name in names:
+        bare = str(name).upper().removeprefix("CAP_")
+        if bare not in ADDABLE_CAPABILITIES:
+            raise ValueError(f"a list of names from {allowed}")
+        if bare not in found:
+            found.append(bare)
+    return tuple(found)
 
 
 def format_size(size: int) -> str:
@@ -112,6 +136,10 @@ class JailSpec:
     :param workdir: the working directory inside (default: the caller's, where the jail shows it).
     :param nat: a bridged jail may reach beyond its segment, through the host's NAT.
     :param allow: ...but only these (``"203.0.113.7:443"``, ``"10.0.0.0/8"``); implies the NAT.
+    :param cap_add: capabilities given back to the jail's code, inside its own namespaces:
+        ``"NET_RAW"`` (raw and packet sockets), ``"NET_ADMIN"``, ``"IPC_LOCK"``, ``"SYS_PTRACE"``,
+        ``"SYS_NICE"``, ``"SYS_RESOURCE"``. The jail's root keeps Docker's default set less NET_RAW;
+        rootless, the code runs as the user, with only these.
     :param syscalls: the system call filter: ``"default"`` (Docker's baseline), ``"nested"`` (a jail
         may hold jails: namespaces and mounts allowed), ``"unconfined"`` (no filter), or
         ``{"allow": [...], "deny": [...]}`` on top of the default (``"nested": True`` too).
@@ -132,9 +160,11 @@ class JailSpec:
     nat: bool = False
     allow: tuple[str, ...] = field(default=())
     syscalls: Any = "default"
+    cap_add: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "cap_add", _convert("cap_add", self.cap_add, _cap_add))
         set_(self, "syscalls", _convert("syscalls", self.syscalls, _syscalls))
         if self.rootfs is not None:
             set_(self, "rootfs", _check_rootfs(self.rootfs))
@@ -294,6 +324,10 @@ def _syscalls(value: object) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         if all(isinstance(v, (list, tuple)) and all(isinstance(n, str) and _SYSCALL_NAME.match(n) for n in v)
                for v in lists.values()) and isinstance(value.get("nested", False), bool):
             base = "nested" if value.get("nested") else "default"
+            unknown = seccomp.unknown(tuple(lists["allow"]) + tuple(lists["deny"]))
+            if unknown:
+                raise ValueError(f"names of system calls of this machine ({platform.machine()}); "
+                                 f"{', '.join(map(repr, unknown))} is none")
             return base, tuple(sorted(lists["allow"])), tuple(sorted(lists["deny"]))
     raise ValueError("'default', 'nested', 'unconfined', or {'allow': [names], 'deny': [names]}")
 
@@ -328,5 +362,33 @@ def _check_rootfs(value: object) -> str:
                 f"rootfs={os.fspath(value)!r}: {entry} is a symlink (to {os.readlink(entry)}); "
                 f"{', '.join(ROOTFS_MOUNTPOINTS)} must be real directories or absent"
             )
+    _check_rootfs_owners(os.fspath(value), path)
     return path
+
+
+#: Directories of a rootfs whose programs and libraries a jail runs: writable by every user, they
+#: let anyone on the host choose what jails run (and race their setup).
+_TRUSTED_DIRS = ("", "bin", "sbin", "lib", "lib64", "usr", "etc")
+_warned_owners: set[str] = set()
+
+
+def _check_rootfs_owners(given: str, path: str) -> None:
+    """Refuse a rootfs that every user may change; warn once about one another user owns."""
+    for name in _TRUSTED_DIRS:
+        entry = os.path.join(path, name) if name else path
+        try:
+            st = os.lstat(entry)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise JailConfigError(
+                f"rootfs={given!r}: {entry} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), so "
+                f"anyone on this host could change what jails run; fix: chmod o-w {entry}"
+            )
+    owner = os.stat(path).st_uid
+    if owner not in (0, os.geteuid()) and path not in _warned_owners:
+        _warned_owners.add(path)
+        warnings.warn(JailWarning(
+            f"rootfs {path} is owned by uid {owner}, neither you nor root: that user can change what "
+            f"your jails run (chown it, or build your own with `pytest-jail rootfs`)"), stacklevel=2)
 

@@ -60,6 +60,9 @@ _OPTIONS = (
     ("--jail-pids", "jail_pids", "pids", "default process limit of jails (default 4096)"),
     ("--jail-tmpfs", "jail_tmpfs", "tmpfs", "default size of a jail's private /tmp, e.g. 100M"),
     ("--jail-io", "jail_io", "io", "default disk bandwidth of jails, e.g. read=20M,write=10M (bytes/s)"),
+    ("--jail-syscalls", "jail_syscalls", "syscalls", "default system call filter of jails: default (Docker's "
+     "baseline), nested (jails may hold jails) or unconfined (no filter)"),
+    ("--jail-cap-add", "jail_cap_add", "cap_add", "capabilities given back to jailed code, e.g. NET_RAW,SYS_PTRACE"),
 )
 
 base_spec_key = pytest.StashKey[JailSpec]()
@@ -106,7 +109,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "jail(rootfs=None, *, net='none', memory=None, cpus=None, pids=None, timeout=None, "
-        "hostname='jail', env=None, binds=(), tmpfs=None, io=None, workdir=None): "
+        "hostname='jail', env=None, binds=(), tmpfs=None, io=None, workdir=None, nat=False, allow=(), "
+        "syscalls='default', cap_add=()): "
         "run the test body in a freshly cloned Linux jail (pytest-jail)",
     )
     config.addinivalue_line(

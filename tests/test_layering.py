@@ -59,6 +59,6 @@ def test_public_api_is_pinned() -> None:
     """The export list is curated, sorted and names the package as each class's module."""
     assert pytest_jail.__all__ == [
         "Bind", "Jail", "JailConfigError", "JailError", "JailProcess", "JailProcessError", "JailResult",
-        "JailSetupError", "JailSpec", "JailTimeoutError", "JailUnavailableError",
+        "JailSetupError", "JailSpec", "JailTimeoutError", "JailUnavailableError", "JailWarning",
     ]
     assert all(getattr(pytest_jail, n).__module__ == "pytest_jail" for n in pytest_jail.__all__)

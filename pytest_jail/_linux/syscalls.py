@@ -46,13 +46,19 @@ CAP_SETGID = 6
 CAP_SETUID = 7
 CAP_SETPCAP = 8
 CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
+CAP_IPC_LOCK = 14
 CAP_SYS_CHROOT = 18
+CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
+CAP_SYS_NICE = 23
+CAP_SYS_RESOURCE = 24
 CAP_MKNOD = 27
 CAP_AUDIT_WRITE = 29
 CAP_SETFCAP = 31
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 MOUNT_ATTR_RDONLY = 0x1
@@ -285,9 +291,12 @@ class Syscalls:
     def prctl(self, option: int, arg: int) -> None:
         self._check(self._libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0))
 
-    def drop_capabilities(self, keep: tuple[int, ...] = ()) -> None:
+    def drop_capabilities(self, keep: tuple[int, ...] = (), ambient: bool = False) -> None:
         """Drop every capability but ``keep`` for good: bounding and ambient sets, then effective,
-        permitted and inheritable. Even uid 0 gets no more back at exec (capabilities(7))."""
+        permitted and inheritable. Even uid 0 gets no more back at exec (capabilities(7)).
+
+        ``ambient``: ``keep`` survives exec for a process that is not uid 0 too (the ambient set).
+        """
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
         for cap in range(last + 1):
@@ -300,8 +309,13 @@ class Syscalls:
             word = 3 * (cap // 32)
             data[word] |= 1 << (cap % 32)  # effective
             data[word + 1] |= 1 << (cap % 32)  # permitted
+            if ambient:
+                data[word + 2] |= 1 << (cap % 32)  # inheritable: what the ambient set may hold
         ret = self._libc.syscall(ctypes.c_long(self._nr["capset"]), header, data)
         self._check(ret)
+        for cap in keep if ambient else ():
+            self._check(self._libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(PR_CAP_AMBIENT_RAISE),
+                                         ctypes.c_ulong(cap), 0, 0))
 
     def open_tun(self, name: str, address: str) -> int:
         """A TUN device ``name`` in this network namespace, up, holding ``address``, with the default
