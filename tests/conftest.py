@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -66,3 +69,54 @@ def tree_digest(root: str) -> str:
                 with open(path, "rb") as f:
                     digest.update(f.read())
     return digest.hexdigest()
+
+
+@pytest.fixture
+def outside() -> Iterator[str]:
+    """A stand-in for the world beyond the host, on this machine: a network namespace behind a
+    veth (host side 203.0.113.1/24, its side 203.0.113.2) with a TCP echo of the peer's address
+    on ports 8080 and 9090. Returns its address; removed after the test."""
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        pytest.skip("needs iproute2 and nftables: apt-get install iproute2 nftables")
+    import fcntl
+
+    # One at a time on this host: two would both put 203.0.113.1/24 on a host device.
+    lock = os.open("/run/pytest-jail-test-outside.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    name = f"pjtest{os.getpid() % 100000}"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    netns_mounted = _is_mount_point("/run/netns")  # ip mounts it the first time; we put that back
+    run("ip", "netns", "add", name)
+    server = None
+    try:
+        run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", "eth0", "netns", name)
+        run("ip", "addr", "add", "203.0.113.1/24", "dev", f"{name}h")
+        run("ip", "link", "set", f"{name}h", "up")
+        for args in (["addr", "add", "203.0.113.2/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                     ["link", "set", "lo", "up"]):
+            run("ip", "netns", "exec", name, "ip", *args)
+        echo = ("import socket, threading\n"
+                "def serve(port):\n"
+                "    s = socket.create_server(('0.0.0.0', port))\n"
+                "    while True:\n"
+                "        c, peer = s.accept(); c.sendall(peer[0].encode() + b'\\n'); c.close()\n"
+                "for p in (8080, 9090): threading.Thread(target=serve, args=(p,)).start()\n"
+                "print('ready', flush=True)\n")
+        server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", echo],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        yield "203.0.113.2"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if not netns_mounted and _is_mount_point("/run/netns") and not os.listdir("/run/netns"):
+            subprocess.run(["umount", "/run/netns"], capture_output=True)
+        os.close(lock)
+
+
+def _is_mount_point(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)

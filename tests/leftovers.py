@@ -58,13 +58,38 @@ def _jail_cgroups() -> set[str]:
     return found
 
 
+def _leased(link: str) -> bool:
+    """Whether ``link`` (a bridge ``pjbrN`` or veth ``pjvN...``) belongs to a segment a live
+    process leases: its lease file is locked (the jails of a test running at the same time)."""
+    import fcntl
+
+    from pytest_jail._linux.net import LEASES
+
+    digits = link.removeprefix("pjbr").removeprefix("pjv").split("x")[0]
+    if not link.startswith(("pjbr", "pjv")) or not digits.isdigit():
+        return False
+    try:
+        fd = os.open(os.path.join(LEASES, digits), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a lessee holds it exclusively
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def snapshot(orphans_only: bool = False) -> dict[str, list[str]]:
+    """What is on the host now; with ``orphans_only``, without what live sessions hold (the
+    processes and bridges of tests running at the same time)."""
     with open("/proc/self/mountinfo") as f:
         mounts = {line.split()[4] for line in f}
     return {
         "processes": sorted(_foreign_pid_ns_processes(orphans_only)),
         "mounts": sorted(mounts),
-        "links": sorted(os.listdir("/sys/class/net")),
+        "links": sorted(n for n in os.listdir("/sys/class/net") if not (orphans_only and _leased(n))),
         "cgroups": sorted(_jail_cgroups()),
         "temp dirs": sorted(n for n in os.listdir("/tmp") if "jail" in n.lower()),
     }

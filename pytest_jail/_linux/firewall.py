@@ -8,10 +8,18 @@ and are masqueraded there; anything else from the segment is refused, and nothin
 enters but replies.
 
 Forwarding is switched on only on the devices that carry the traffic: the segment's bridge and
-the host's device towards each destination (replies come in there). The device's old setting is
-kept in ``/run/pytest-jail/net/forwarding.<dev>``; every process that needs it holds a shared
-lock on that file, and the last one to let go (or the next start-up, after a crash) puts the old
-setting back.
+the host's device towards each destination (replies come in there). Switched on, an uplink would
+forward whatever the LAN sends it to every other device of the host (a VPN, docker0): where we
+switched it on, a guard table (``inet pytest_jail_uplink_<dev>``) drops every packet forwarded
+from it but towards our bridges, so the host forwards from there exactly what it did before.
+The device's old setting is kept in ``/run/pytest-jail/net/forwarding.<dev>:<index>``; every
+process that needs it holds a shared lock on that file, and the last one to let go (or the next
+start-up, after a crash) puts the old setting back, unless someone else changed forwarding
+meanwhile (the device's value, or the host-wide one Docker sets): then theirs stays.
+
+Not taken: a router network namespace between the bridges and the host. Replies coming in on
+the uplink would still be forwarded by the host's own stack (the kernel checks forwarding on
+the device a packet comes in on), so it would need the same switch and the same guard.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterable
 from collections.abc import Iterator
 
 from .._errors import JailSetupError
 from .._errors import JailUnavailableError
+from .._errors import JailWarning
 
 FORWARDING = "/run/pytest-jail/net/forwarding."
 
@@ -74,9 +84,13 @@ def apply(text: str) -> None:
 
 
 def delete(index: int) -> None:
+    """Delete a segment's table; a table that stays is said (never a silent leftover)."""
     nft = _find_nft()
     if nft is not None:
-        subprocess.run([nft, "delete", "table", "inet", table(index)], capture_output=True)
+        done = subprocess.run([nft, "delete", "table", "inet", table(index)], capture_output=True, text=True)
+        if done.returncode != 0 and index in tables():
+            warnings.warn(JailWarning(f"nft could not delete table inet {table(index)} ({done.stderr.strip()}); "
+                                      f"remove it with: nft delete table inet {table(index)}"), stacklevel=2)
 
 
 def tables() -> list[int]:
@@ -116,19 +130,28 @@ def parse_allow(text: str) -> Rule:
 
 
 class Forwarding:
-    """IPv4 forwarding on the host devices this process's jails need, given back when done."""
+    """IPv4 forwarding on the host devices this process's jails need, given back when done.
+
+    A device is known by its name and its index (``eth0:2``): a device removed and made again
+    under the same name (a veth, a VPN's tun) is another one, whose setting is its own.
+    """
 
     def __init__(self) -> None:
-        self._held: dict[str, int] = {}  # device -> descriptor of its locked state file
+        self._held: dict[str, int] = {}  # device key -> descriptor of its locked state file
 
-    def need(self, devices: Iterable[str]) -> None:
+    def need(self, devices: Iterable[str], *, uplink: bool = True) -> None:
+        """Forwarding on ``devices``; an ``uplink`` (a device of the host's, not our bridge) gets
+        the guard where we switch it on."""
         for device in devices:
-            if device not in self._held:
-                self._held[device] = _hold(device)
+            key = _key(device)
+            if key is None:
+                raise JailSetupError("network", None, f"no forwarding setting for device {device}")
+            if key not in self._held:
+                self._held[key] = _hold(key, uplink)
 
     def close(self) -> None:
-        for device, fd in self._held.items():
-            _let_go(device, fd)
+        for key, fd in self._held.items():
+            _let_go(key, fd)
         self._held.clear()
 
 
@@ -144,57 +167,114 @@ def _deciding() -> Iterator[None]:
         os.close(fd)
 
 
-def _hold(device: str) -> int:
+def _key(device: str) -> str | None:
+    """``eth0:2``: the device's name and index (a name cannot hold a colon), or ``None``."""
+    try:
+        with open(f"/sys/class/net/{device}/ifindex") as f:
+            return f"{device}:{int(f.read())}"
+    except (OSError, ValueError):
+        return None
+
+
+def guard(key: str) -> str:
+    """The guard table of an uplink whose forwarding we switched on: nothing is forwarded from it
+    but to our bridges (where the segments' own tables let only replies through). ``key`` as
+    :func:`guard_table` takes it."""
+    key = _as_key(key)
+    device = key.rpartition(":")[0]
+    return (f"table inet {guard_table(key)} {{\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority filter - 2; policy accept;\n"
+            f'    iifname "{device}" oifname != "pjbr*" drop\n'
+            "  }\n"
+            "}\n")
+
+
+def guard_table(key: str) -> str:
+    """``pytest_jail_uplink_eth0_2`` for the device key ``eth0:2`` (or a name: its current key)."""
+    key = _as_key(key)
+    return "pytest_jail_uplink_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
+def _as_key(name_or_key: str) -> str:
+    return name_or_key if ":" in name_or_key else (_key(name_or_key) or name_or_key)
+
+
+def _hold(key: str, uplink: bool) -> int:
+    device = key.rpartition(":")[0]
     with _deciding():
-        fd = os.open(FORWARDING + device, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(FORWARDING + key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_SH)  # held while this process needs it
         if not os.pread(fd, 16, 0):  # the first holder: note the old setting, switch it on
-            old = _read(device)
-            if old is None:
+            old, host_wide = _read(device), _read("all")
+            if old is None or host_wide is None or _key(device) != key:
                 os.close(fd)
                 raise JailSetupError("network", None, f"no forwarding setting for device {device}")
-            os.pwrite(fd, old.encode(), 0)
-            _write(device, "1")
+            guarded = uplink and old == "0"
+            if guarded:
+                try:
+                    apply(guard(key))  # before forwarding is on: never a moment without it
+                except BaseException:
+                    os.close(fd)
+                    raise
+            os.pwrite(fd, f"{old} {host_wide} {'guarded' if guarded else 'bridge'}".encode(), 0)
+            if old == "0":
+                _write(device, "1")
         return fd
 
 
-def _let_go(device: str, fd: int) -> None:
+def _let_go(key: str, fd: int) -> None:
     with _deciding():
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only for the last holder
         except BlockingIOError:
             pass
         else:
-            _restore(device, fd)
+            _restore(key, fd)
         finally:
             os.close(fd)
 
 
-def _restore(device: str, fd: int) -> None:
-    old = os.pread(fd, 16, 0).decode().strip()
-    if old in ("0", "1"):
+def _restore(key: str, fd: int) -> None:
+    """Put back what we changed, and only that: a device whose forwarding was off is switched off
+    again if it is still the same device, still as we left it (on), and nobody changed the
+    host-wide setting meanwhile."""
+    device = key.rpartition(":")[0]
+    old, host_wide, kind = (os.pread(fd, 64, 0).decode().split() + ["", "", ""])[:3]
+    if old == "0" and _key(device) == key and _read(device) == "1" and _read("all") == host_wide:
         with contextlib.suppress(OSError):
-            _write(device, old)
+            _write(device, "0")
+    if kind == "guarded":
+        nft = _find_nft()
+        if nft is not None:
+            subprocess.run([nft, "delete", "table", "inet", guard_table(key)], capture_output=True)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(FORWARDING + device)
+        os.unlink(FORWARDING + key)
 
 
 def clean_stale() -> None:
-    """Settings whose holders all died: put them back."""
+    """Settings whose holders all died: put them back; guard tables without a setting: remove."""
     directory = os.path.dirname(FORWARDING)
     if not os.path.isdir(directory):
         return
     with _deciding():
-        for name in os.listdir(directory):
-            if not name.startswith("forwarding.") or name == "forwarding.lock":
-                continue
+        keys = [name[len("forwarding."):] for name in os.listdir(directory)
+                if name.startswith("forwarding.") and ":" in name]
+        nft = _find_nft()
+        if nft is not None:
+            held = {guard_table(key) for key in keys}
+            listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout.split()
+            for name in listed:
+                if name.startswith("pytest_jail_uplink_") and name not in held:
+                    subprocess.run([nft, "delete", "table", "inet", name], capture_output=True)
+        for key in keys:
             try:
-                fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(FORWARDING + key, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _restore(name[len("forwarding."):], fd)
+                _restore(key, fd)
             except BlockingIOError:
                 pass
             finally:

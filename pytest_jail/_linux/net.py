@@ -23,6 +23,7 @@ import fcntl
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
@@ -30,6 +31,7 @@ from typing import Any
 
 from .._errors import JailError
 from .._errors import JailSetupError
+from .._errors import JailWarning
 from . import firewall
 from .firewall import Rule
 from .syscalls import CLONE_NEWNET
@@ -145,7 +147,8 @@ class Networks:
             with self._lock, _step("nat"):
                 seg.ways_out[attachment.ip] = None if way_out == () else way_out
                 self._apply_rules(seg)  # before forwarding is on: never a moment without the filter
-                self._forwarding.need([bridge_name(seg.index), *self._uplinks(way_out)])
+                self._forwarding.need([bridge_name(seg.index)], uplink=False)
+                self._forwarding.need(self._uplinks(way_out))
 
     def release(self, attachment: Attachment) -> None:
         """The jail is gone: remove its veth (if the kernel has not) and free its address. Once."""
@@ -160,13 +163,20 @@ class Networks:
             with IPRoute() as ipr:
                 _delete_links(ipr, [attachment.veth])
             seg = attachment.segment
+            if self._segments.get(seg.name) is seg and attachment.ip in seg.ways_out:
+                del seg.ways_out[attachment.ip]
+                try:
+                    self._apply_rules(seg)
+                except JailError as exc:
+                    # Its way out stays in the table: never give its address to another jail.
+                    seg.hosts[attachment.host] = ""
+                    warnings.warn(JailWarning(
+                        f"the way out of the jail at {attachment.ip} could not be removed ({exc}); that address "
+                        f"is not given to another jail, and the rules go with the segment"), stacklevel=2)
+                    return
             seg.hosts.pop(attachment.host, None)
             if self._segments.get(seg.name) is seg:
                 self._write_hosts(seg)
-                if attachment.ip in seg.ways_out:
-                    del seg.ways_out[attachment.ip]
-                    with contextlib.suppress(JailError):
-                        self._apply_rules(seg)
 
     def close(self) -> None:
         """Remove every bridge of this process and give back its leases."""
@@ -235,7 +245,7 @@ class Networks:
 
     def _write_hosts(self, seg: Segment) -> None:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{seg.gateway}\tgateway"]
-        lines += [f"{prefix(seg.index)}.{host}\t{name}" for host, name in sorted(seg.hosts.items())]
+        lines += [f"{prefix(seg.index)}.{host}\t{name}" for host, name in sorted(seg.hosts.items()) if name]
         # In place, never replaced: each jail's /etc/hosts is a bind of this very inode.
         fd = os.open(seg.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -347,7 +357,7 @@ def clean_stale() -> None:
         firewall.clean_stale()
         for index in firewall.tables():
             if index not in live:
-                firewall.delete(index)
+                _delete_unleased_table(index, stale)
         orphans = [n for n in _orphan_links(live | set(stale)) if not os.path.exists(os.path.join(LEASES, _index(n)))]
         if not stale and not orphans:
             return
@@ -360,6 +370,26 @@ def clean_stale() -> None:
     finally:
         for fd in stale.values():
             os.close(fd)
+
+
+def _delete_unleased_table(index: int, stale: dict[int, int]) -> None:
+    """Delete a segment's table, once its lease shows nobody holds it: a session may have leased
+    the segment after we listed the leases, and its table is then its own."""
+    if index in stale:  # we hold that lease already
+        firewall.delete(index)
+        return
+    path = os.path.join(LEASES, str(index))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # leased meanwhile: not ours to touch
+        os.close(fd)
+        return
+    try:
+        firewall.delete(index)
+        os.unlink(path)  # under our lock: a process that opened it sees it unlinked and moves on
+    finally:
+        os.close(fd)
 
 
 def _index(link: str) -> str:
