@@ -182,6 +182,11 @@ def latency_worker(iterations: int, warmup: int) -> None:
     def jail() -> int:
         return Jail().run(["true"]).returncode
 
+    unconfined = Jail(JailSpec(syscalls="unconfined"))  # no seccomp filter: what the filter costs
+
+    def jail_unconfined() -> int:
+        return unconfined.run(["true"]).returncode
+
     limited = Jail(JailSpec(memory="256M", cpus=1, pids=64))
 
     def jail_limits() -> int:
@@ -204,7 +209,8 @@ def latency_worker(iterations: int, warmup: int) -> None:
         return subprocess.run(BWRAP_ARGV, check=False, capture_output=True).returncode
 
     methods: dict[str, Callable[[], int]] = {
-        "subprocess": sub, "jail": jail, "jail-limits": jail_limits, "jail-rootfs": jail_rootfs,
+        "subprocess": sub, "jail": jail, "jail-unconfined": jail_unconfined, "jail-limits": jail_limits,
+        "jail-rootfs": jail_rootfs,
     }
     if os.geteuid() == 0:
         methods["jail-bridge"] = jail_bridge
@@ -307,6 +313,7 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         "subprocess": '`subprocess.run(["true"])`',
         "bwrap": "`bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev true`",
         "jail": '`Jail().run(["true"])`',
+        "jail-unconfined": '`Jail(JailSpec(syscalls="unconfined")).run(["true"])` (no seccomp filter)',
         "jail-limits": '`Jail(JailSpec(memory="256M", cpus=1, pids=64)).run(["true"])`',
         "jail-rootfs": '`Jail(JailSpec(rootfs="busybox")).run(["true"])` (overlay layer)',
         "jail-bridge": '`Jail(JailSpec(net="bridge")).run(["true"])` (veth pair on a bridge)',
@@ -316,13 +323,17 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
     print("| method | median (ms) | p10–p90 (ms) | vs subprocess, median (ms) |")
     print("|---|---:|---:|---:|")
     base = samples["subprocess"]
-    for name in ("subprocess", "bwrap", "jail", "jail-limits", "jail-rootfs", "jail-bridge"):
+    for name in ("subprocess", "bwrap", "jail", "jail-unconfined", "jail-limits", "jail-rootfs", "jail-bridge"):
         if name not in samples:
             continue
         median, p10, p90 = spread(samples[name])
         deltas = [a - b for a, b in zip(samples[name], base, strict=True)]
         delta = "—" if name == "subprocess" else f"{statistics.median(deltas):+.2f}"
         print(f"| {labels[name]} | {median:.2f} | {p10:.2f}–{p90:.2f} | {delta} |")
+    pairs = [a - b for a, b in zip(samples["jail"], samples["jail-unconfined"], strict=True)]
+    print()
+    print(f"The system call filter costs {statistics.median(pairs):+.2f} ms per jail (median of paired "
+          "differences, default jail minus unconfined, same iteration).")
     if "bwrap" not in samples:
         print()
         print("bwrap row skipped: `bwrap` not found; install it with `apt-get install bubblewrap` "

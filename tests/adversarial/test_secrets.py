@@ -89,3 +89,49 @@ def test_a_command_cannot_read_pytests_memory(monkeypatch: pytest.MonkeyPatch) -
     )
     result = Jail().run([sys.executable, "-c", probe])
     assert result.stdout.splitlines() == ["False", "kill 3"]  # ESRCH: no such process, from the jail
+
+
+def test_home_secrets_are_empty_in_the_host_view(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """~/.ssh, ~/.aws, ~/.netrc... of the user running pytest read as empty in the host view,
+    even where the home is otherwise shown; nothing written there reaches the host."""
+    home = os.path.join(tmp_path, "home")
+    os.makedirs(os.path.join(home, ".ssh"))
+    os.makedirs(os.path.join(home, ".aws"))
+    secrets = {".ssh/id_ed25519": "PRIVATE KEY", ".aws/credentials": "aws_secret_access_key", ".netrc": "password"}
+    for name, content in secrets.items():
+        with open(os.path.join(home, name), "w") as f:
+            f.write(content)
+    os.chmod(home, 0o755)
+    monkeypatch.setenv("HOME", home)
+    result = Jail().run(["sh", "-c", "cat ~/.ssh/id_ed25519 ~/.aws/credentials ~/.netrc; ls -A ~/.ssh ~/.aws; "
+                         "echo evil > ~/.ssh/authorized_keys"])
+    assert not any(content in result.stdout for content in secrets.values()), result.stdout
+    assert not os.path.exists(os.path.join(home, ".ssh", "authorized_keys"))
+
+
+def test_pytests_process_is_not_in_the_jails_proc() -> None:
+    """/proc lists the jail's processes only: pytest's command line, environment and descriptors
+    are not there to read."""
+    listed = Jail().run(["sh", "-c", "ls /proc | grep -E '^[0-9]+$'; cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+    pids = [line for line in listed.stdout.splitlines() if line.isdigit()]
+    assert all(int(pid) < 10 for pid in pids), pids
+    assert "pytest" not in listed.stdout
+
+
+def test_a_body_cannot_read_pytests_memory_through_its_parent(jailed_pytester: pytest.Pytester) -> None:
+    """A body's parent (the process that entered the jail) is outside its pid namespace; the jail's
+    init is not dumpable: neither /proc/1/mem nor process_vm_readv of anything reaches pytest."""
+    jailed_pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.jail
+        def test_read():
+            assert os.getppid() == 0
+            with pytest.raises(PermissionError):
+                open("/proc/1/mem", "rb").read(1)
+            with pytest.raises(PermissionError):
+                open("/proc/1/environ", "rb").read()
+        """
+    )
+    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=1)
