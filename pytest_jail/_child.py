@@ -33,6 +33,9 @@ from ._linux import syscalls as sc
 from ._linux.mounts import Executor
 from ._linux.mounts import Op
 
+#: What ``ps`` in a jail shows for its pid 1.
+INIT_NAME = b"jail-init"
+
 NAMESPACES = (
     sc.CLONE_NEWUSER  # created first when combined, so it owns all the others (user_namespaces(7))
     | sc.CLONE_NEWNS
@@ -223,6 +226,10 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             _exit(1)
         os.close(helper)
         _default_signals()
+        with _step(launch, "rename init"):
+            # /proc/1/cmdline is readable by anyone in the jail: pytest's command line must not be.
+            launch.syscalls.set_command_line(INIT_NAME)
+            launch.syscalls.wipe_environment_block()
         if launch.record:
             try:  # before the mounts: /dev/net/tun is the host's (a nested jail has none: no record)
                 launch.tun = launch.syscalls.open_tun(blackhole.DEVICE, blackhole.ADDRESS)

@@ -141,6 +141,13 @@ class _RtEntry(ctypes.Structure):  # struct rtentry, <net/route.h>
     ]
 
 
+def _argument_areas() -> tuple[int, ...]:
+    """arg_start, arg_end, env_start, env_end of this process (fields 48-51 of proc(5)'s stat)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # from field 3, "state"
+    return tuple(int(value) for value in fields[45:49])
+
+
 class Syscalls:
     """Thin, typed wrappers; each raises :class:`OSError` with the path it was given."""
 
@@ -250,11 +257,19 @@ class Syscalls:
     def wipe_environment_block(self) -> None:
         """Zero the environment this process was started with, which /proc/self/environ shows
         whatever os.environ holds now (proc(5): env_start, env_end)."""
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5), from "state" (3)
+        _, _, start, end = _argument_areas()
         if 0 < start < end:
             ctypes.memset(start, 0, end - start)
+
+    def set_command_line(self, name: bytes) -> None:
+        """Overwrite the command line this process was started with (/proc/self/cmdline, readable
+        by anyone who sees the process, dumpable or not) with ``name``, and its ``comm``."""
+        start, end, _, _ = _argument_areas()
+        if 0 < start < end:
+            ctypes.memset(start, 0, end - start)  # ends with a NUL: read as argv, not a setproctitle
+            ctypes.memmove(start, name, min(len(name), end - start - 1))
+        with open("/proc/self/comm", "wb") as f:
+            f.write(name)
 
     def install_filter(self, program: bytes, *, listener: bool = True) -> int | None:
         """Install a seccomp filter on the calling thread (and what it forks, execs included);

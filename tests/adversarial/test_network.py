@@ -21,6 +21,7 @@ from attack import root_mode
 
 from pytest_jail import Jail
 from pytest_jail import JailSpec
+from pytest_jail import JailWarning
 
 pytestmark = needs_jail
 
@@ -249,3 +250,63 @@ def test_the_lan_cannot_route_through_a_jails_way_out(outside: str,
         finally:
             firewall.apply(firewall.guard(uplink))  # as this session's holder of the setting left it
         jail.terminate()
+
+
+@root_mode
+def test_a_rule_nft_cannot_remove_is_reported_and_its_address_not_reused(
+    outside: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A jail's allow rule must go with it; when nft refuses (here an nft that fails once the jail
+    is running), the failure is a warning naming the address, and the next jail on the segment
+    gets another address, never the one whose rule stayed (before: swallowed, and the next jail
+    given that address inherited the rule)."""
+    import shutil
+
+    real = shutil.which("nft")
+    assert real is not None
+    broken = os.path.join(tmp_path, "broken")
+    wrapper = os.path.join(tmp_path, "nft")
+    with open(wrapper, "w") as f:
+        f.write(f"#!/bin/sh\n[ -e {broken} ] && {{ echo 'Error: Could not process rule' >&2; exit 1; }}\n"
+                f"exec {real} \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    segment = f"bridge:rel{os.getpid() % 10000}"
+    first = Jail(JailSpec(net=segment, allow=[f"{outside}:8080"])).spawn(["sleep", "30"])
+    address = first.ip
+    open(broken, "w").close()
+    with pytest.warns(JailWarning, match=rf"the way out of the jail at {address} could not be removed"):
+        first.kill()
+    os.unlink(broken)
+    second = Jail(JailSpec(net=segment)).spawn(["sleep", "30"])
+    try:
+        assert second.ip != address
+    finally:
+        second.kill()
+
+
+@root_mode
+def test_start_up_cleanup_keeps_the_table_of_a_segment_leased_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up cleanup lists the leases, then deletes the tables of segments nobody leases: a
+    session that leased a segment and wrote its table between the two kept losing it. The
+    listing is made to miss the lease here (as the race does); the table must stay."""
+    import fcntl
+
+    from pytest_jail._linux import firewall
+    from pytest_jail._linux import net
+
+    index = 200 + os.getpid() % 50
+    path = os.path.join(net.LEASES, str(index))
+    os.makedirs(net.LEASES, exist_ok=True)
+    lease = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(lease, fcntl.LOCK_EX)  # the other session holds it
+    try:
+        firewall.apply(f"table inet {firewall.table(index)} {{}}\n")
+        real_listdir = os.listdir
+        monkeypatch.setattr(net.os, "listdir", lambda p=".": [] if p == net.LEASES else real_listdir(p))
+        net.clean_stale()
+        assert index in firewall.tables()
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", firewall.table(index)], capture_output=True)
+        os.unlink(path)
+        os.close(lease)

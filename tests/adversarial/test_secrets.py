@@ -112,10 +112,15 @@ def test_home_secrets_are_empty_in_the_host_view(tmp_path: os.PathLike[str], mon
 def test_pytests_process_is_not_in_the_jails_proc() -> None:
     """/proc lists the jail's processes only: pytest's command line, environment and descriptors
     are not there to read."""
-    listed = Jail().run(["sh", "-c", "ls /proc | grep -E '^[0-9]+$'; cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+    listed = Jail().run(["sh", "-c", "ls /proc | grep -E '^[0-9]+$'; for p in /proc/[0-9]*; do "
+                         "echo \"$(tr '\\0' ' ' < $p/cmdline)|$(cat $p/comm)\"; done"])
     pids = [line for line in listed.stdout.splitlines() if line.isdigit()]
     assert all(int(pid) < 10 for pid in pids), pids
-    assert "pytest" not in listed.stdout
+    with open("/proc/self/cmdline", "rb") as f:
+        ours = f.read().replace(b"\0", b" ").decode().strip()
+    assert ours not in listed.stdout
+    processes = [line.rsplit("|", 1) for line in listed.stdout.splitlines() if "|" in line]
+    assert ["jail-init", "jail-init"] in [[cmdline.strip(), comm] for cmdline, comm in processes], processes
 
 
 def test_a_body_cannot_read_pytests_memory_through_its_parent(jailed_pytester: pytest.Pytester) -> None:

@@ -200,3 +200,25 @@ def test_the_host_kernel_is_unchanged_by_refused_calls() -> None:
     got, refused = attempt([("delete_module", (0, 0)), ("swapoff", (0,)), ("syslog", (5, 0, 0))])  # 5: CLEAR
     assert got == [errno.EPERM] * 3 and refused == ["delete_module", "swapoff", "syslog"]
     assert state() == before
+
+
+def test_capabilities_are_what_the_readme_says(jailed_pytester: pytest.Pytester) -> None:
+    """A command and a body hold Docker's default set less NET_RAW as the jail's root (root mode),
+    nothing as a user (rootless: before, a rootless body kept Docker's set); never SYS_ADMIN."""
+    from pytest_jail._child import PAYLOAD_CAPABILITIES
+    from pytest_jail._jail import uses_root_map
+
+    expected = sum(1 << cap for cap in PAYLOAD_CAPABILITIES) if uses_root_map() else 0
+    command = Jail().run(["sh", "-c", "grep CapEff /proc/self/status"]).stdout.split()[1]
+    assert int(command, 16) == expected
+    jailed_pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.jail
+        def test_caps():
+            line = [l for l in open("/proc/self/status") if l.startswith("CapEff")][0]
+            assert int(line.split()[1], 16) == {expected}
+        """
+    )
+    jailed_pytester.runpytest_subprocess().assert_outcomes(passed=1)
