@@ -89,8 +89,7 @@ class Launch:
     mapped: tuple[str, ...] = ()  # root mode: exposures the parent id-maps, in the order it sends them
     trees: dict[str, int] = field(default_factory=dict)  # ...and their detached trees, received
     tun: int | None = None  # the recorder's device, in init
-    parent_fds: tuple[int, ...] = ()  # the parent's ends of our pipes: closed at once
-    cgroup_procs: list[str] = field(default_factory=list)  # join these before unshare
+    cgroup_joins: list[str] = field(default_factory=list)  # join these before unshare
     parent_pid: int = 0
     lifeline: int | None = None  # a pidfd of the caller's process: the jail ends when it does
     filter: bytes | None = None  # the system call filter (seccomp.py); None: unconfined
@@ -128,7 +127,10 @@ def helper_main(launch: Launch) -> NoReturn:
     code = 1
     try:
         gc.disable()  # the helpers live for milliseconds; a collection would only copy pages
-        _close(*launch.parent_fds)  # else a held write end of stdin would keep `cat` waiting
+        # Only what the jail needs: a descriptor of pytest's (another thread's jail.run pipe, the
+        # write end of this jail's stdin) held here would keep its reader waiting for our end.
+        _close_all_but(launch.status_w, launch.control_r, launch.stdin, launch.stdout, launch.stderr)
+        _default_signals()  # pytest's: with SIGCHLD ignored, waiting for init would fail; init inherits them
         # Not PR_SET_PDEATHSIG: it follows the *thread* that forked us, and a jail must outlive a
         # thread that started it (a jail.spawn from a thread pool); init watches this instead.
         launch.lifeline = os.pidfd_open(launch.parent_pid)
@@ -139,7 +141,7 @@ def helper_main(launch: Launch) -> NoReturn:
         with _step(launch, "join cgroup"):
             # Before unshare, so the new cgroup namespace is rooted at the jail's own group, and
             # before any fork, so every process of the jail is born in it.
-            for procs in launch.cgroup_procs:
+            for procs in launch.cgroup_joins:
                 _write(procs, b"0")
             _write("/proc/self/oom_score_adj", b"1000")  # a jail is the first OOM victim, never pytest
         with _step(launch, "unshare"):
@@ -225,7 +227,6 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
         if _readable(helper):  # the helper died before the prctl: follow it
             _exit(1)
         os.close(helper)
-        _default_signals()
         with _step(launch, "rename init"):
             # /proc/1/cmdline is readable by anyone in the jail: pytest's command line must not be.
             launch.syscalls.set_command_line(INIT_NAME)
@@ -436,7 +437,7 @@ class Entry:
     root_map: bool
     cwd: str
     env: dict[str, str] | None
-    cgroup_procs: list[str]  # join these first: the body is born in the jail's cgroup
+    cgroup_joins: list[str]  # join these first: the body is born in the jail's cgroup
     channel: int  # the body's end of the wire to the caller
     crash: int  # where a dying body's last words go (faulthandler, an uncaught traceback)
     close: tuple[int, ...]  # the caller's descriptors that are none of the body's business
@@ -456,7 +457,7 @@ def enter_body(entry: Entry) -> None:
     try:
         gc.disable()
         _close(*entry.close)
-        for procs in entry.cgroup_procs:  # before the cgroup namespace hides the way there
+        for procs in entry.cgroup_joins:  # before the cgroup namespace hides the way there
             _write(procs, b"0")
         for fd in entry.namespaces:  # the user namespace first: it owns the others (setns(2))
             entry.syscalls.setns(fd, 0)
@@ -466,6 +467,9 @@ def enter_body(entry: Entry) -> None:
         if entry.filter is not None:  # on this process: the body is born under it
             entry.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
             listener = _install_filter(entry.syscalls, entry.filter, entry.quiet_filter)
+        # A caller that ignores SIGCHLD would have the body reaped for us, its status lost (wait(2)):
+        # wait for it with the default, and give the body the caller's disposition back.
+        disposition = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         pid = os.fork()
     except OSError as exc:
         _tell(entry.channel, "error", step="enter", errno=exc.errno, detail=exc.strerror or str(exc), path=None)
@@ -473,6 +477,7 @@ def enter_body(entry: Entry) -> None:
     if pid:
         _reap_body(entry, pid, listener)
     try:
+        signal.signal(signal.SIGCHLD, disposition)
         _close(listener)  # the body must never answer its own refused calls (it could let them through)
         if entry.root_map:  # the jail's root, an unprivileged host uid, as the jail's init is
             os.setresgid(0, 0, 0)

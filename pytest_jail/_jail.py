@@ -39,6 +39,7 @@ from ._limits import usage_fields
 from ._linux import seccomp
 from ._linux.mounts import Exposure
 from ._linux.net import Attachment
+from ._linux.net import clean_stale_once
 from ._linux.net import networks
 from ._probe import explain
 from ._process import JailProcess
@@ -285,7 +286,6 @@ class Jail:
             "stdout": out_w,
             "stderr": err_w,
         }
-        launch_kw["parent_fds"] = tuple(fd for fd in (out_r, err_r, in_w) if fd is not None)
         try:
             run = self._launch(spec, cwd=cwd, **launch_kw)
         except BaseException:
@@ -319,6 +319,8 @@ class Jail:
 
     def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
         root_map = uses_root_map()
+        if root_map:
+            clean_stale_once()  # what a killed run left on the host's network (cgroups: the manager)
         rootfs = resolve_rootfs(spec.rootfs)
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
         if root_map:
@@ -370,7 +372,7 @@ class Jail:
             filter=_filter(spec),
             quiet_filter=_filter(spec, notify=False),
             capabilities=_child.capabilities(spec.cap_add, root_map),
-            cgroup_procs=group.procs_files if group is not None else [],
+            cgroup_joins=group.join_files if group is not None else [],
             **payload,
         )
         if payload.get("env") is None and spec.env is not None:
@@ -379,7 +381,6 @@ class Jail:
 
         def helper() -> None:
             try:
-                launch.parent_fds += (status_r, control_w)
                 _child.helper_main(launch)
             finally:
                 _exit(1)  # whatever happens, a child never returns into the caller's stack
@@ -539,8 +540,11 @@ class Jail:
     def _exit_status(self, run: _Run) -> int | None:
         """Reap the helper; return the payload's raw wait status if it ran to the end."""
         if run.pid:
-            _, _, rusage = os.wait4(run.pid, 0)
-            run.rusage_cpu = rusage.ru_utime + rusage.ru_stime
+            try:
+                _, _, rusage = os.wait4(run.pid, 0)
+                run.rusage_cpu = rusage.ru_utime + rusage.ru_stime
+            except ChildProcessError:  # a caller that ignores SIGCHLD: the kernel reaped it (wait(2))
+                pass
             run.pid = 0
             if run.group is not None:
                 run.usage = run.group.usage()
@@ -694,7 +698,7 @@ class Call:
             root_map=launch.root_map,
             cwd=launch.cwd,
             env=launch.env,
-            cgroup_procs=launch.cgroup_procs,
+            cgroup_joins=launch.cgroup_joins,
             channel=channel_w,
             crash=crash_w,
             close=(channel_r, crash_r, *(fd for r in list(_RUNNING) for fd in r.descriptors())),

@@ -46,10 +46,10 @@ class HostSupport:
 
 def _limits_summary() -> str:
     from ._cgroups.manager import Unavailable
-    from ._cgroups.manager import manager
+    from ._cgroups.manager import limits_summary
 
-    try:
-        return f"limits: {manager().layout.describe()}"
+    try:  # found without creating a group: a run that jails nothing changes nothing on the host
+        return f"limits: {limits_summary()}"
     except Unavailable as exc:
         return f"limits: unavailable ({exc.reason})"
 

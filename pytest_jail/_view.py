@@ -322,7 +322,10 @@ def _idmap_works(device: int, path: str) -> bool:
     finally:
         for fd in (ready_r, hold_r, hold_w):
             os.close(fd)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # a caller that ignores SIGCHLD: reaped by the kernel
+            pass
 
 
 #: Rootfs directories this process could not id-map, with the kernel's reason.

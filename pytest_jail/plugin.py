@@ -23,8 +23,6 @@ import pytest
 from . import _remote
 from . import _replay
 from . import hooks
-from ._cgroups.manager import clean_stale_everywhere
-from ._cgroups.manager import prepare_delegation
 from ._cgroups.manager import set_budget
 from ._errors import JailConfigError
 from ._errors import JailError
@@ -34,7 +32,6 @@ from ._jail import ROOT_MAP_BASE
 from ._jail import Call
 from ._jail import Jail
 from ._jail import uses_root_map
-from ._linux.net import clean_stale as clean_stale_networks
 from ._places import SubprocessCoverage
 from ._places import exposures
 from ._probe import HostSupport
@@ -133,11 +130,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_Accounting(), "jail-accounting")
     if config.option.jail_keep_failed or _ini_bool(config, "jail_keep_failed"):
         config.pluginmanager.register(_KeptLayers(), "jail-keep-failed")
-    clean_stale_everywhere()  # cgroups left by a killed earlier run (a listdir when there are none)
-    if uses_root_map():
-        clean_stale_networks()  # ...and bridges (two listdirs when there are none)
-    if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
-        prepare_delegation()  # pytest-xdist's main process, before it starts its workers
+    # Nothing on the host changes here: what a killed earlier run left (cgroups, bridges) is
+    # removed when this run makes its first jail, and a run that jails nothing touches nothing.
     if _unavailable_policy(config) not in ("fail", "skip"):
         raise pytest.UsageError(
             f"{_unavailable_source(config)}: {_unavailable_policy(config)!r} is not allowed; allowed: fail, skip"

@@ -54,6 +54,21 @@ def jailed_pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) 
     return pytester
 
 
+@pytest.fixture(autouse=True)
+def alone_among_leftover_checks(request: pytest.FixtureRequest,
+                                tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests marked ``leftovers`` (they kill a pytest, which leaves stale groups for the next
+    run, or judge the host's leftovers as a whole) run one at a time, under pytest-xdist too."""
+    if request.node.get_closest_marker("leftovers") is None:
+        yield
+        return
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "leftovers.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def tree_digest(root: str) -> str:
     """Every path, mode, owner, size, link target and byte of a tree: equal digests, equal trees."""
     digest = hashlib.sha256()

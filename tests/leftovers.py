@@ -48,14 +48,21 @@ def tagged(tag: str) -> list[str]:
     return found
 
 
-def _jail_cgroups() -> set[str]:
+def _jail_cgroups(orphans_only: bool = False) -> set[str]:
+    """Groups named for jails; with ``orphans_only``, not those of a live session (pytest-jail.<pid>.*
+    of a running pytest: the jails of tests running at the same time)."""
     found = set()
     for top in ("/sys/fs/cgroup",):
         for parent, dirs, _ in os.walk(top):
             if parent.count("/") > 6:
                 dirs.clear()
-            found.update(os.path.join(parent, d) for d in dirs if "jail" in d)
+            found.update(os.path.join(parent, d) for d in dirs if "jail" in d and not (orphans_only and _live(d)))
     return found
+
+
+def _live(name: str) -> bool:
+    parts = name.split(".")
+    return name.startswith("pytest-jail.") and len(parts) > 1 and parts[1].isdigit() and os.path.exists(f"/proc/{parts[1]}")
 
 
 def _leased(link: str) -> bool:
@@ -90,7 +97,7 @@ def snapshot(orphans_only: bool = False) -> dict[str, list[str]]:
         "processes": sorted(_foreign_pid_ns_processes(orphans_only)),
         "mounts": sorted(mounts),
         "links": sorted(n for n in os.listdir("/sys/class/net") if not (orphans_only and _leased(n))),
-        "cgroups": sorted(_jail_cgroups()),
+        "cgroups": sorted(_jail_cgroups(orphans_only)),
         "temp dirs": sorted(n for n in os.listdir("/tmp") if "jail" in n.lower()),
     }
 

@@ -67,7 +67,7 @@ def test_v2_writer(tmp_path: pathlib.Path) -> None:
     assert (root / "memory.oom.group").read_text() == "1"
     assert (root / "cpu.max").read_text() == "50000 100000"
     assert (root / "pids.max").read_text() == "64"
-    assert group.procs_files == [str(root / "cgroup.procs")]
+    assert group.join_files == [str(root / "cgroup.procs")]
 
 
 def test_v2_usage(tmp_path: pathlib.Path) -> None:
@@ -102,7 +102,7 @@ def test_v1_writer_and_usage(tmp_path: pathlib.Path) -> None:
     (tmp_path / "cpuacct" / "j" / "cpuacct.usage").write_text("2500000000\n")
     (tmp_path / "pids" / "j" / "pids.events").write_text("max 7\n")
     assert group.usage() == type(group.usage())(1000, 2.5, 2, 7)
-    assert sorted(group.procs_files) == sorted(str(tmp_path / c / "j" / "cgroup.procs") for c in parents)
+    assert sorted(group.join_files) == sorted(str(tmp_path / c / "j" / "tasks") for c in parents)
 
 
 def test_v1_without_cpu_limit_skips_the_cpu_controller(tmp_path: pathlib.Path) -> None:

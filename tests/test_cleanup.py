@@ -82,6 +82,7 @@ def _wait_until(predicate: object, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.leftovers
 def test_suite_leaves_nothing_behind(jailed_pytester: pytest.Pytester) -> None:
     """Passing, failing, timed-out and crashing jails, and daemons in each: nothing survives the run."""
     tag = f"pj-leak-{os.getpid()}"
@@ -94,6 +95,7 @@ def test_suite_leaves_nothing_behind(jailed_pytester: pytest.Pytester) -> None:
     assert _wait_until(lambda: new_since(before) == {}), new_since(before)
 
 
+@pytest.mark.leftovers
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
 def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, how: signal.Signals) -> None:
     """pytest killed mid-test (or interrupted): the jailed body, a jail.run command and their daemons die."""
@@ -109,12 +111,72 @@ def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, h
         def test_body():
             subprocess.run(["sh", "-c", "(setsid bash -c 'exec -a {tag}-body sleep 300' &)"], check=True)
             time.sleep(300)
+
+        def test_next_run(jail):
+            jail.run(["true"])
         """
     )
     before = snapshot(orphans_only=True)
     for test, running in (("command", f"{tag}-cmd"), ("body", f"{tag}-body")):
         _kill_pytest_while(jailed_pytester.path, test, how, lambda name=running: bool(tagged(name)))
         assert _wait_until(lambda: not tagged(tag)), f"still running: {tagged(tag)}"
-    # A killed pytest cannot remove its cgroups; the next run does, at start-up.
-    jailed_pytester.runpytest_subprocess("-k", "nothing-matches")
+    # A killed pytest cannot remove its cgroups; the next run does, when it makes its first jail.
+    jailed_pytester.runpytest_subprocess("-k", "test_next_run").assert_outcomes(passed=1)
     assert _wait_until(lambda: new_since(before) == {}), new_since(before)
+
+
+@pytest.mark.leftovers
+def test_a_run_that_jails_nothing_changes_nothing(jailed_pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Installed, and a session that jails no test (here under -n 2, with the report header):
+    no group is made, nothing is moved between groups, no `nft` runs, and even what a killed
+    earlier run left waits for the first run that makes a jail, which removes it."""
+    from pytest_jail._cgroups.detect import detect
+    from pytest_jail._cgroups.manager import PREFIX
+
+    bin_dir = tmp_path_factory.mktemp("bin")
+    calls = bin_dir / "nft-calls"
+    (bin_dir / "nft").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    os.chmod(bin_dir / "nft", 0o755)
+    dead = next(n for n in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{n}"))
+    layout = detect()
+    owns = [own for own in {*layout.v1.values(), *([layout.v2] if layout.v2 else [])} if os.access(own, os.W_OK)]
+    stale = [os.path.join(own, f"{PREFIX}{dead}.left") for own in owns]
+    for path in stale:
+        os.mkdir(path)
+    jailed_pytester.makepyfile(
+        """
+        import os
+
+        def test_a(tmp_path):
+            pass
+
+        def test_no_group_of_this_session():  # (they would be gone once it exits)
+            pids = {str(os.getpid()), str(os.getppid())}  # this xdist worker, the main process
+            found = [os.path.join(parent, d) for parent, dirs, _ in os.walk("/sys/fs/cgroup") for d in dirs
+                     if d.startswith("pytest-jail.") and d.split(".")[1] in pids]
+            assert found == []
+        """
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    try:
+        before = snapshot(orphans_only=True)
+        with open(f"/proc/{os.getpid()}/cgroup") as f:
+            groups = f.read()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2"],
+                              cwd=jailed_pytester.path, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert "jail: namespaces" in done.stdout  # the header was made, without a group
+        assert "cgroups" not in new_since(before)
+        assert all(os.path.isdir(path) for path in stale)
+        assert not calls.exists(), calls.read_text()
+        with open(f"/proc/{os.getpid()}/cgroup") as f:
+            assert f.read() == groups
+        jailed_pytester.makepyfile("def test_a(jail):\n    jail.run(['true'])\n")
+        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+                              cwd=jailed_pytester.path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert not any(os.path.exists(path) for path in stale)
+    finally:
+        for path in stale:
+            if os.path.exists(path):
+                os.rmdir(path)

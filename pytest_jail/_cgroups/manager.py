@@ -48,6 +48,7 @@ class Manager:
         self.parents: dict[str, str] = {}
         self.v2_parent: str | None = None
         self.budget: int | None = None
+        clean_stale_everywhere(layout)  # what killed runs left: removed when a run first needs groups
         if layout.kind in ("v1", "hybrid"):
             self._make_v1_parents()
         elif layout.kind == "v2":
@@ -63,7 +64,6 @@ class Manager:
         for controller, own in self.layout.v1.items():
             if controller not in (*V1_CONTROLLERS, "cpu", "blkio"):
                 continue
-            clean_stale(own)
             path = os.path.join(own, self.name)
             try:
                 os.mkdir(path)
@@ -76,17 +76,16 @@ class Manager:
             self.parents[controller] = path
 
     def _make_v2_parent(self) -> None:
-        own = os.environ.get(ROOT_ENV) or self.layout.v2
-        assert own is not None
+        assert self.layout.v2 is not None
+        own = delegated_root(self.layout.v2)
         missing = [c for c in V2_CONTROLLERS if c not in self.layout.v2_controllers]
         if missing:
             raise Unavailable(
                 f"the cgroup v2 controllers {', '.join(missing)} are not delegated to {own}",
                 "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
             )
-        clean_stale(own)
         path = os.path.join(own, self.name)
-        enable_children(own, self.layout, self.name)
+        enable_children(own, self.layout)
         try:
             os.mkdir(path)
             with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
@@ -143,23 +142,37 @@ class Manager:
         self.v2_parent = None
 
 
-#: Set by a pytest that moved itself into a leaf of its delegated group: where its xdist workers
-#: (born in that leaf) make their groups.
-ROOT_ENV = "PYTEST_JAIL_CGROUP_ROOT"
-
-
 def _enable_line(layout: Layout) -> str:
     optional = [c for c in ("io",) if c in layout.v2_controllers]
     return " ".join(f"+{c}" for c in (*V2_CONTROLLERS, *optional))
 
 
-def enable_children(own: str, layout: Layout, name: str) -> None:
+def _session_pid() -> int:
+    """The pid of this pytest session: pytest-xdist's main process for one of its workers."""
+    return os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+
+
+def _session_leaf(own: str) -> str:
+    return os.path.join(own, f"{PREFIX}{_session_pid()}.pytest")
+
+
+def delegated_root(own: str) -> str:
+    """The group to make jails' groups in: ``own``, or its parent when ``own`` is the leaf a
+    session's processes were moved to (:func:`enable_children`)."""
+    name = os.path.basename(own)
+    return os.path.dirname(own) if name.startswith(PREFIX) and name.endswith(".pytest") else own
+
+
+def enable_children(own: str, layout: Layout) -> None:
     """Let ``own`` give controllers to child groups.
 
     cgroup v2's "no internal processes" rule (cgroups(7)) refuses that while ``own`` holds
     processes, which it does when pytest runs in a delegated group of its own (systemd-run
-    --scope -p Delegate=yes): then this process moves into a leaf, ``<own>/<name>.pytest``, first.
-    The leaf is left for the next start-up to remove (a process cannot remove its own group).
+    --scope -p Delegate=yes): then this session's processes (this one; for an xdist worker, the
+    main process and its workers) move into a leaf, ``<own>/pytest-jail.<session pid>.pytest``.
+    That happens when the first limited jail is made, never before: a run that jails nothing
+    changes nothing. The leaf is left for a later start to remove (a process cannot remove its
+    own group); processes of others in ``own`` make it fail, with the remedy.
     """
     control = os.path.join(own, "cgroup.subtree_control")
     try:
@@ -174,9 +187,13 @@ def enable_children(own: str, layout: Layout, name: str) -> None:
                 "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
             ) from None
     try:
-        leaf = os.path.join(own, f"{name}.pytest")
+        leaf = _session_leaf(own)
         os.makedirs(leaf, exist_ok=True)
-        write(os.path.join(leaf, "cgroup.procs"), "0")
+        for pid in _session_members(own):
+            try:
+                write(os.path.join(leaf, "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                pass  # it ended meanwhile
         write(control, _enable_line(layout))
     except OSError as exc:
         raise Unavailable(
@@ -184,34 +201,68 @@ def enable_children(own: str, layout: Layout, name: str) -> None:
             f"processes than this pytest ({exc.strerror})",
             "run pytest alone in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
         ) from None
-    os.environ[ROOT_ENV] = own  # xdist workers are born in the leaf: they make their groups in own
 
 
-def prepare_delegation() -> None:
-    """In pytest's main process on a delegated cgroup v2 group: move into a leaf before xdist
-    starts its workers, so that the group can give controllers to the jails' groups."""
+def _session_members(own: str) -> list[int]:
+    """The processes in ``own`` that belong to this session: its pid and its direct children."""
+    session = _session_pid()
+    members = []
+    for pid in (int(p) for p in read(os.path.join(own, "cgroup.procs")).split()):
+        if pid in (session, os.getpid()) or _parent_of(pid) == session:
+            members.append(pid)
+    return members
+
+
+def _parent_of(pid: int) -> int | None:
     try:
-        layout = detect()
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def limits_summary() -> str:
+    """What the report header says about limits, found without creating anything: ``cgroups:
+    ...``; raises :class:`Unavailable` with the reason a jail's limits would fail with."""
+    if _manager is not None and _manager.name.split(".")[1] == str(os.getpid()):
+        return _manager.layout.describe()
+    layout = detect()
+    if layout.kind in ("v1", "hybrid"):
+        missing = [c for c in V1_CONTROLLERS if c not in layout.v1]
+        if missing:
+            raise Unavailable(f"the v1 cgroup controllers {', '.join(missing)} are not mounted",
+                              "mount them under /sys/fs/cgroup, or boot with cgroup v2")
+        for controller, own in layout.v1.items():
+            if controller in (*V1_CONTROLLERS, "cpu", "blkio") and not os.access(own, os.W_OK):
+                raise Unavailable(
+                    f"cannot create cgroups under {own} (v1 cgroups are not delegated to uid {os.geteuid()})",
+                    "run pytest as root for limits on a cgroup v1 host, or boot the host with cgroup v2",
+                )
+    elif layout.kind == "v2" and layout.v2 is not None:
+        own = delegated_root(layout.v2)
+        missing = [c for c in V2_CONTROLLERS if c not in layout.v2_controllers]
+        if missing:
+            raise Unavailable(
+                f"the cgroup v2 controllers {', '.join(missing)} are not delegated to {own}",
+                "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
+            )
+        if not os.access(own, os.W_OK):
+            raise Unavailable(
+                f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
+                "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
+            )
+    else:
+        raise Unavailable("this host has no cgroup hierarchy mounted", "mount cgroup2 at /sys/fs/cgroup")
+    return layout.describe()
+
+
+def clean_stale_everywhere(layout: Layout | None = None) -> None:
+    """Remove the parents of runs that were killed, in every hierarchy we can see."""
+    try:
+        layout = layout or detect()
     except OSError:
         return
-    if layout.kind != "v2" or layout.v2 is None or os.environ.get(ROOT_ENV):
-        return
-    own = layout.v2
-    if own.rstrip("/") == "/sys/fs/cgroup" or not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
-        return  # the root group needs nothing; a group we do not own cannot be changed
-    try:
-        enable_children(own, layout, f"{PREFIX}{os.getpid()}.main")
-    except Unavailable:
-        pass  # a jail that asks for a limit will say why
-
-
-def clean_stale_everywhere() -> None:
-    """At start-up: remove the parents of runs that were killed, in every hierarchy we can see."""
-    try:
-        layout = detect()
-    except OSError:
-        return
-    for own in {*layout.v1.values(), *([layout.v2] if layout.v2 else [])}:
+    for own in {*layout.v1.values(), *([delegated_root(layout.v2)] if layout.v2 else [])}:
         clean_stale(own)
 
 

@@ -29,8 +29,8 @@ class V1Group:
             os.mkdir(path)
 
     @property
-    def procs_files(self) -> list[str]:
-        return [os.path.join(path, "cgroup.procs") for path in self.dirs.values()]
+    def join_files(self) -> list[str]:
+        return [os.path.join(path, "tasks") for path in self.dirs.values()]
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:

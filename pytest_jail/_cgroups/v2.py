@@ -21,7 +21,7 @@ class V2Group:
         os.mkdir(self.path)
 
     @property
-    def procs_files(self) -> list[str]:
+    def join_files(self) -> list[str]:
         return [os.path.join(self.path, "cgroup.procs")]
 
     def apply(self, limits: Limits) -> None:
