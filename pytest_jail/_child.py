@@ -445,6 +445,9 @@ class Entry:
     filter: bytes | None = None  # the system call filter; None: unconfined
     quiet_filter: bytes | None = None  # ...without a supervisor, for a jail in a jail
     capabilities: tuple[int, ...] = PAYLOAD_CAPABILITIES  # what the body keeps
+    #: Directories under a read-only exposure that the body may write (its tmp_path): made
+    #: writable on entry, so the jail can be built before they exist (a jail prepared ahead).
+    writable: tuple[str, ...] = ()
 
 
 def enter_body(entry: Entry) -> None:
@@ -462,6 +465,13 @@ def enter_body(entry: Entry) -> None:
         for fd in entry.namespaces:  # the user namespace first: it owns the others (setns(2))
             entry.syscalls.setns(fd, 0)
         _close(*entry.namespaces)
+        for path in entry.writable:  # seen through the jail's own read-only mount of its parent
+            tree = entry.syscalls.clone_tree(path)
+            try:
+                entry.syscalls.make_tree_writable(tree)
+                entry.syscalls.attach_tree(tree, path)
+            finally:
+                os.close(tree)
         _join_fresh_keyring(entry.syscalls)  # before the filter, which refuses keyctl
         listener = None
         if entry.filter is not None:  # on this process: the body is born under it

@@ -6,6 +6,7 @@ side is :mod:`pytest_jail._child`. The orchestration reads as a checklist in :me
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -33,7 +34,9 @@ from . import _wire
 from ._cgroups import Group
 from ._cgroups import Usage
 from ._errors import JailConfigError
+from ._errors import JailError
 from ._errors import JailSetupError
+from ._errors import JailWarning
 from ._limits import cgroup_for
 from ._limits import usage_fields
 from ._linux import seccomp
@@ -119,6 +122,8 @@ class _Run:
     memory: int | None = None  # its memory limit
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the pipes, across threads
     layer: str | None = None  # a host directory holding its rootfs's writable layer
+    map_pending: bool = False  # root mode, a jail prepared ahead: its id map is still to be written
+    rootfs: str | None = None  # its rootfs directory (for the id-mapped tree sent with the map)
 
     def __post_init__(self) -> None:
         _RUNNING.add(self)
@@ -165,15 +170,18 @@ class _Run:
         """SIGKILL the jail's init: the kernel then kills every process of its pid namespace.
 
         The helper reaps init only once that is done, so waiting for the helper waits for the
-        whole tree. Before init is known, killing the helper makes init follow (PDEATHSIG).
+        whole tree; the helper itself is left alive to do so (killed with the rest of the cgroup,
+        it would leave init a zombie for the host's pid 1, which in a container may never reap
+        it). Before init is known, killing the helper makes init follow (PDEATHSIG), and the
+        cgroup goes at once.
         """
-        try:
-            if self.init is not None:
+        if self.init is not None:
+            with contextlib.suppress(ProcessLookupError):  # (gone already: the helper reaps it)
                 signal.pidfd_send_signal(self.init, signal.SIGKILL)
-            elif self.pid:
+            return
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if self.group is not None:
             self.group.kill()  # and whatever else is in its cgroup, in one go
 
@@ -187,15 +195,24 @@ class Jail:
     """
 
     def __init__(
-        self, spec: JailSpec | None = None, *, exposures: Sequence[Exposure] = (), layer: str | None = None
+        self,
+        spec: JailSpec | None = None,
+        *,
+        exposures: Sequence[Exposure] = (),
+        layer: str | None = None,
+        writable: Sequence[str] = (),
     ) -> None:
         """:param exposures: host paths to show inside, besides the spec's binds.
         :param layer: an empty host directory to hold the writable layer over the rootfs, to be
             read after the jail is gone; by default the layer is a tmpfs that goes with the jail.
+        :param writable: directories a read-only exposure shows that a test body may write (its
+            ``tmp_path``), made writable as it enters: the jail itself does not depend on them,
+            so the next one can be prepared while this one runs.
         """
         self.spec = spec or JailSpec()
         self.exposures = tuple(exposures)
         self.layer = layer
+        self.writable = tuple(writable)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -310,14 +327,25 @@ class Jail:
                 call.finish({"value": work()})
             call.wait(timeout=10)        # here: call.outcome, call.result(...)
         """
-        run = self._launch(self.spec, cwd=cwd)
-        call = Call(self, run)
-        call._wait_ready()
+        key = self._recipe(cwd)
+        call = _PREPARED.take(key, self._plan_now(self.spec)) if key is not None else None
+        if call is None:
+            call = Call(self, self._launch(self.spec, cwd=cwd))
+            call._wait_ready()
+        call._jail, call._recipe, call._cwd = self, key, cwd
         return call
+
+    def _recipe(self, cwd: str | None) -> tuple[Any, ...] | None:
+        """What makes two jails the same, for one prepared ahead to serve (``None``: never: a
+        layer to keep, or a place on a bridge, is one jail's own)."""
+        if self.layer is not None or self.spec.segment is not None:
+            return None
+        return (self.spec, self.exposures, cwd, os.getpid())
 
     # -- the checklist ------------------------------------------------------------------------
 
-    def _launch(self, spec: JailSpec, *, cwd: str | None, **payload: Any) -> _Run:
+    def _launch(self, spec: JailSpec, *, cwd: str | None, defer_map: bool = False, **payload: Any) -> _Run:
+        _LATER.finish()  # earlier jails' teardowns that are done by now
         root_map = uses_root_map()
         if root_map:
             clean_stale_once()  # what a killed run left on the host's network (cgroups: the manager)
@@ -331,7 +359,7 @@ class Jail:
             # The segment's hosts file, kept up to date as jails join: peers by hostname.
             exposures += (Exposure(attachment.segment.hosts_file, "/etc/hosts"),)
         try:
-            return self._fork(spec, rootfs, exposures, root_map, attachment, cwd, payload)
+            return self._fork(spec, rootfs, exposures, root_map, attachment, cwd, payload, defer_map)
         except BaseException:
             if attachment is not None:
                 networks().release(attachment)  # (a no-op when the run already released it)
@@ -346,12 +374,11 @@ class Jail:
         attachment: Attachment | None,
         cwd: str | None,
         payload: dict[str, Any],
+        defer_map: bool = False,
     ) -> _Run:
         layer = self.layer if rootfs is not None else None
-        # What it tries to reach outside is recorded and refused, unless it may reach everything.
-        record = spec.net != "host" and spec.way_out != ()
-        binds = tuple(b.target for b in spec.binds)
-        plan = plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, record, own_net=spec.net != "host")
+        record = _records(spec)
+        plan = self._plan(spec, rootfs, exposures, root_map)
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
@@ -398,9 +425,11 @@ class Jail:
         for fd in (status_w, control_r):
             os.close(fd)
         run = _Run(pid, status_r, control_w, started, group=group, attachment=attachment, launch=launch,
-                   memory=spec.memory, layer=layer)
+                   memory=spec.memory, layer=layer, rootfs=rootfs)
         try:
-            if root_map:
+            if root_map and defer_map:
+                run.map_pending = True  # written when the helper asks (see _Prepared.service)
+            elif root_map:
                 self._write_root_map(run, rootfs)
             if attachment is not None:
                 self._connect(run, attachment)
@@ -408,6 +437,18 @@ class Jail:
             self._abandon(run)
             raise
         return run
+
+    def _plan(self, spec: JailSpec, rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
+        layer = self.layer if rootfs is not None else None
+        binds = tuple(b.target for b in spec.binds)
+        return plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, _records(spec),
+                        own_net=spec.net != "host")
+
+    def _plan_now(self, spec: JailSpec) -> list[Any]:
+        """The plan a jail of this recipe would get now (the host may have changed since one was
+        prepared: a secret created in the home directory is hidden from the next jail)."""
+        exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
+        return self._plan(spec, resolve_rootfs(spec.rootfs), exposures, uses_root_map())
 
     def _connect(self, run: _Run, attachment: Attachment) -> None:
         """Plug the jail into its segment once its network namespace exists; then let init go on."""
@@ -420,6 +461,7 @@ class Jail:
         os.write(run.control, b"n")
 
     def _write_root_map(self, run: _Run, rootfs: str | None) -> None:
+        run.map_pending = False
         message = self._next_message(run, "map")
         if message is None:
             self._exit_status(run)
@@ -486,17 +528,19 @@ class Jail:
                 pending = memoryview(data)
             else:
                 os.close(stdin)
-        timed_out = False
+        timed_out = orphaned = False
         try:
             while sel.get_map():
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if deadline is not None and wait == 0 and orphaned:
+                    break
                 if deadline is not None and wait == 0 and not timed_out:
                     timed_out = True
                     run.kill()
                     deadline = time.monotonic() + _KILL_GRACE
                     continue
                 events = sel.select(wait)
-                if not events and timed_out:
+                if not events and (timed_out or orphaned):
                     break  # a process we cannot kill (D state); give up waiting, never hang
                 for key, _ in events:
                     fd = key.fd
@@ -512,6 +556,12 @@ class Jail:
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         sel.unregister(fd)
+                        if fd == run.status and not timed_out:
+                            # init is gone; what still holds an output and outlives it for
+                            # _KILL_GRACE cannot die (D state): stop waiting, never hang.
+                            timed_out_at = time.monotonic() + _KILL_GRACE
+                            deadline = timed_out_at if deadline is None else min(deadline, timed_out_at)
+                            orphaned = True
                     elif fd == run.status:
                         run.receive(chunk)
                     else:
@@ -538,32 +588,47 @@ class Jail:
             self._exit_status(run)
 
     def _exit_status(self, run: _Run) -> int | None:
-        """Reap the helper; return the payload's raw wait status if it ran to the end."""
+        """Reap the helper and release everything the jail held, each step whatever the others
+        did, never waiting forever; return the payload's raw wait status if it ran to the end.
+
+        A step that fails is a :class:`JailWarning` (the test's outcome is known by now, and
+        the host's state is worth a word, not a failure): a process that does not die (D state)
+        is left to a later reap, a group that cannot be removed to the next run's clean-up.
+        """
         if run.pid:
-            try:
-                _, _, rusage = os.wait4(run.pid, 0)
-                run.rusage_cpu = rusage.ru_utime + rusage.ru_stime
-            except ChildProcessError:  # a caller that ignores SIGCHLD: the kernel reaped it (wait(2))
-                pass
-            run.pid = 0
-            if run.group is not None:
-                run.usage = run.group.usage()
-                run.group.kill()
-                run.group.remove()
+            pid, run.pid = run.pid, 0
+
+            def forget_init() -> None:  # (a closed number could become another jail's pidfd)
+                init, run.init = run.init, None
+                _close_all([init] if init is not None else [])
+
+            group = run.group
+            if group is not None and run.attachment is None and run.layer is None:
+                # Everything the result needs is known: the rest of the teardown (the helper's
+                # and init's exits, unmounting, the group's removal, ~3 ms) happens off the
+                # critical path, by the next jail's launch or at exit.
+                _release([("usage", lambda: setattr(run, "usage", group.usage())), ("init's pidfd", forget_init)])
+                _LATER.add(pid, group)
                 run.group = None
-            if run.init is not None:
-                os.close(run.init)
-                run.init = None
-            if run.attachment is not None:
-                networks().release(run.attachment)
+                return _status(run)
+            steps: list[tuple[str, Callable[[], object]]] = [
+                ("reap", lambda: setattr(run, "rusage_cpu", _reap_within(pid, run.kill, "the jail"))),
+                ("init's pidfd", forget_init),
+            ]
+            if group is not None:
+                steps += [("usage", lambda: setattr(run, "usage", group.usage())), ("cgroup kill", group.kill),
+                          ("cgroup removal", group.remove)]
+            attachment = run.attachment
+            if attachment is not None:
+                steps.append(("network", lambda: networks().release(attachment)))
             if run.layer is not None:
                 # What the jail wrote is in upper/; overlayfs's scratch (work/, with a mode 0000
                 # directory in it) would only stop pytest from removing its old temp dirs.
-                remove_tree(os.path.join(run.layer, "work"))
-        for message in run.messages:
-            if message["kind"] == "exit":
-                return int(message["status"])
-        return None
+                layer = run.layer
+                steps.append(("writable layer", lambda: remove_tree(os.path.join(layer, "work"))))
+            _release(steps)
+            run.group = run.attachment = None
+        return _status(run)
 
     def _raise_setup_error(self, run: _Run) -> None:
         if run.usage is not None and run.usage.oom_kills > 0:
@@ -657,6 +722,8 @@ class Call:
     def __init__(self, jail: Jail, run: _Run) -> None:
         self._jail = jail
         self._run = run
+        self._recipe: tuple[Any, ...] | None = None  # what the next jail prepared ahead must match
+        self._cwd: str | None = None
         self._channel = -1  # inside: the body's end of the wire
         self._entering = 0  # outside: the process that entered the jail and reaps the body
         self._reader = _wire.Reader()
@@ -706,6 +773,7 @@ class Call:
             filter=launch.filter,
             quiet_filter=launch.quiet_filter,
             capabilities=launch.capabilities,
+            writable=self._jail.writable,
         )
         run.started = time.monotonic()
         try:
@@ -723,6 +791,8 @@ class Call:
         _close_all(self._namespaces)  # the fork that enters has them; nobody else may
         self._entering = pid
         self._outputs = {channel_r: _Output(2 * _wire.MAX_FRAME), crash_r: _Output(_LAST_WORDS, tail=True)}
+        if self._recipe is not None:  # while the body runs: the next test's jail, likely the same
+            _PREPARED.prepare(self._jail, self._recipe, self._cwd)
         return False
 
     # -- inside -------------------------------------------------------------------------------
@@ -750,7 +820,7 @@ class Call:
         the jail and reap it. Safe to call once after :meth:`fork`."""
         run = self._run
         channel, crash = list(self._outputs)
-        self.timed_out = _read_until_closed(run, self._outputs, timeout)
+        self.timed_out = _read_until_closed(run, self._outputs, timeout, side=_PREPARED.side())
         try:
             if self._outputs[channel].dropped:
                 raise _wire.WireError(f"more than {2 * _wire.MAX_FRAME} bytes on the wire")
@@ -770,7 +840,7 @@ class Call:
                 self.error = message
         self.last_words = bytes(self._outputs[crash].data)
         self._ended = run.ended
-        _reap(self._entering)
+        _reap(self._entering, run.kill)
         self._entering = 0
         self.kill()
         return self
@@ -807,7 +877,7 @@ class Call:
         _close_all(self._namespaces)
         if self._entering:  # a body still running: it goes with the jail
             run.kill()
-            _reap(self._entering)
+            _reap(self._entering, run.kill)
             self._entering = 0
         if run.pid and not run.finished:
             try:
@@ -829,28 +899,43 @@ _LAST_WORDS = 64 * 1024
 def _fork(child: Callable[[], None]) -> int:
     """``os.fork()``; the child runs ``child`` first. The garbage collector's objects are frozen
     around it, so the child's first collection does not copy every page (gc.freeze docs)."""
-    with warnings.catch_warnings():
-        # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one); what the
-        # child runs is pytest code, as pytest-forked's children do.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        gc.freeze()
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-        finally:
-            if os.getpid() == parent:
-                gc.unfreeze()
+    # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one); what the child
+    # runs is pytest code, as pytest-forked's children do. One filter for that message, added and
+    # then removed by itself: warnings.catch_warnings() would put back the whole filter list,
+    # undoing what another thread changed meanwhile (it is not thread-safe).
+    warnings.filterwarnings("ignore", message=_FORK_WARNING, category=DeprecationWarning)
+    entry = warnings.filters[0]
+    gc.freeze()
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            gc.unfreeze()
+        with contextlib.suppress(ValueError):
+            warnings.filters.remove(entry)  # type: ignore[attr-defined]  # (a list at run time)
+        getattr(warnings, "_filters_mutated", lambda: None)()
     if pid == 0:
         child()
     return pid
 
 
-def _read_until_closed(run: _Run, outputs: dict[int, _Output], timeout: float | None) -> bool:
-    """Read ``outputs`` until every one is closed; kill the jail at ``timeout``. Timed out?"""
+_FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+
+
+def _read_until_closed(
+    run: _Run, outputs: dict[int, _Output], timeout: float | None, side: tuple[int, Callable[[], None]] | None = None
+) -> bool:
+    """Read ``outputs`` until every one is closed; kill the jail at ``timeout``. Timed out?
+
+    ``side``: a descriptor and what to do once it is readable, meanwhile (the next jail, being
+    prepared, asks for its id map)."""
     deadline = None if timeout is None else run.started + timeout
     poller = select.poll()
     for fd in outputs:
         poller.register(fd, select.POLLIN)
+    if side is not None:
+        poller.register(side[0], select.POLLIN)
     open_fds = set(outputs)
     timed_out = False
     try:
@@ -864,6 +949,11 @@ def _read_until_closed(run: _Run, outputs: dict[int, _Output], timeout: float | 
                 deadline = time.monotonic() + _KILL_GRACE
                 continue
             for fd, _ in poller.poll(None if wait is None else wait * 1000):
+                if side is not None and fd == side[0]:
+                    poller.unregister(fd)
+                    side[1]()
+                    side = None
+                    continue
                 chunk = os.read(fd, 65536)
                 if chunk:
                     outputs[fd].add(chunk)
@@ -883,13 +973,52 @@ def _close_all(fds: list[int]) -> None:
         _close_quietly(fds.pop())
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, kill: Callable[[], None]) -> None:
     """Reap a child that is ending (the process that entered a jail, once its body is gone)."""
     if pid:
+        _reap_within(pid, kill, "the test body's jail")
+
+
+_STUCK = "a process in uninterruptible sleep (D state: a hung network filesystem, a frozen cgroup)"
+
+#: Children a teardown gave up waiting for (a process of their jail that does not die): reaped
+#: as soon as they end, by a later teardown or at exit, never waited for.
+_UNREAPED: set[int] = set()
+
+
+def _reap_within(pid: int, kill: Callable[[], None], what: str) -> float | None:
+    """Reap child ``pid`` and return its CPU seconds (``None`` if the kernel reaped it for a caller
+    that ignores SIGCHLD). If it has not ended after ``_KILL_GRACE`` s, ``kill`` and wait as long
+    again; then give up with a warning: a process in uninterruptible sleep (a hung network
+    filesystem, a frozen cgroup) must not hang pytest."""
+    for old in list(_UNREAPED):
         try:
-            os.waitpid(pid, 0)
+            if os.waitpid(old, os.WNOHANG)[0]:
+                _UNREAPED.discard(old)
         except ChildProcessError:
-            pass
+            _UNREAPED.discard(old)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(_KILL_GRACE * 1000):
+            kill()
+            if not poller.poll(_KILL_GRACE * 1000):
+                _UNREAPED.add(pid)
+                warnings.warn(
+                    f"{what} did not end {2 * _KILL_GRACE:.0f}s after it was killed: {_STUCK}; it is left "
+                    f"behind (host pid {pid} and its children) and pytest goes on", JailWarning, stacklevel=3)
+                return None
+    finally:
+        os.close(pidfd)
+    try:
+        _, _, rusage = os.wait4(pid, 0)
+    except ChildProcessError:
+        return None
+    return rusage.ru_utime + rusage.ru_stime
 
 
 def _returncode(status: int | None) -> int:
@@ -937,3 +1066,165 @@ def _close_quietly(fd: int) -> None:
 
 def _setup_error(message: dict[str, Any]) -> JailSetupError:
     return JailSetupError(message["step"], message.get("errno"), message["detail"], message.get("path"))
+
+
+def _records(spec: JailSpec) -> bool:
+    """What it tries to reach outside is recorded and refused, unless it may reach everything."""
+    return spec.net != "host" and spec.way_out != ()
+
+
+class _Prepared:
+    """The next test body's jail, built while the current body runs (one per process).
+
+    A test body's jail does not depend on the test (its ``tmp_path`` is made writable as the body
+    enters): after a body enters its jail, the next one is started with the same recipe, off the
+    critical path. The next :meth:`Jail.start_call` takes it if the recipe and the plan (the host
+    as it is now) match, else it is ended and a jail is built on demand. Nobody ran anything in a
+    prepared jail: it is as new as one built on demand, and a body closes every descriptor of it.
+    """
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.recipe: tuple[Any, ...] | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def prepare(self, jail: Jail, recipe: tuple[Any, ...], cwd: str | None) -> None:
+        self.discard()
+        try:
+            run = jail._launch(jail.spec, cwd=cwd, defer_map=True)
+        except Exception:  # noqa: BLE001 - the next test builds its own jail, and reports what fails
+            return
+        self.call, self.recipe = Call(jail, run), recipe
+        _finish_at_exit()
+
+    def side(self) -> tuple[int, Callable[[], None]] | None:
+        """While a body runs: the prepared jail's wire, to answer its id-map request on."""
+        if self.call is None or not self.call._run.map_pending or self.call._run.status < 0:
+            return None
+        return self.call._run.status, self.service
+
+    def service(self) -> None:
+        """Write the prepared jail's id map (root mode): its helper waits for it to go on."""
+        call = self.call
+        if call is None or not call._run.map_pending:
+            return
+        try:
+            call._jail._write_root_map(call._run, call._run.rootfs)
+        except Exception:  # noqa: BLE001 - a jail that cannot be built is built again, and reports
+            self.discard()
+
+    def take(self, recipe: tuple[Any, ...], plan: list[Any]) -> Call | None:
+        self.service()
+        call, self.call = self.call, None
+        if call is None:
+            return None
+        launch = call._run.launch
+        if self.recipe == recipe and launch is not None and launch.plan is plan and not call._run.finished:
+            try:
+                call._wait_ready()
+                return call
+            except JailError:  # died meanwhile (an OOM kill in a shared memory budget): build anew
+                pass
+        call.kill()
+        return None
+
+    def discard(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            with contextlib.suppress(Exception):
+                call.kill()
+
+    def _forget(self) -> None:  # a forked child (a body): the parent's jail is not its own
+        self.call = None
+
+
+_PREPARED = _Prepared()
+
+
+def _status(run: _Run) -> int | None:
+    for message in run.messages:
+        if message["kind"] == "exit":
+            return int(message["status"])
+    return None
+
+
+def _release(steps: list[tuple[str, Callable[[], object]]]) -> None:
+    """Run every teardown step whatever the others did; each failure is a :class:`JailWarning`."""
+    for step, do in steps:
+        try:
+            do()
+        except Exception as exc:  # noqa: BLE001 - every step runs; each failure is named
+            if step == "cgroup removal" and getattr(exc, "errno", None) == errno.EBUSY:
+                where = getattr(exc, "filename", "")
+                warnings.warn(f"jail teardown: its cgroup ({where}) still holds processes that SIGKILL does not "
+                              f"end: {_STUCK}; they are left behind, the group to a later run's clean-up, and "
+                              "pytest goes on", JailWarning, stacklevel=3)
+            else:
+                warnings.warn(f"jail teardown: {step} failed ({exc}); pytest goes on", JailWarning, stacklevel=3)
+
+
+class _Later:
+    """Teardowns finished off the critical path: a jail's helper to reap (it exits once init has,
+    its mount namespace unmounted) and its cgroup to remove, once the result is known.
+
+    Finished without waiting by every later launch and teardown, waited for when more than a few
+    are pending, and at exit (bounded: a process that does not die is named, never waited for
+    forever). Nothing is left behind: a pytest killed meanwhile takes its helpers with it, and
+    its groups are removed by the next run's clean-up.
+    """
+
+    MOST = 4
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, Group]] = []
+        self.pid = os.getpid()
+
+    def add(self, helper: int, group: Group) -> None:
+        self._mine()
+        self.pending.append((helper, group))
+        _finish_at_exit()
+        self.finish(wait=len(self.pending) > self.MOST)
+
+    def finish(self, wait: bool = False) -> None:
+        """Finish the teardowns whose helper has ended (``wait``: all of them)."""
+        self._mine()
+        left = []
+        for helper, group in self.pending:
+            if not wait:
+                try:
+                    if os.waitpid(helper, os.WNOHANG)[0] == 0:
+                        left.append((helper, group))
+                        continue
+                except ChildProcessError:
+                    pass
+            else:
+                _release([("reap", lambda h=helper, g=group: _reap_within(h, g.kill, "the jail"))])  # type: ignore[misc]
+            _release([("cgroup kill", group.kill), ("cgroup removal", group.remove)])
+        self.pending = left
+
+    def _mine(self) -> None:
+        if self.pid != os.getpid():  # a forked child (a test body): the parent finishes its own
+            self.pending, self.pid = [], os.getpid()
+
+
+_LATER = _Later()
+
+
+_exit_hook_of: int | None = None  # the pid that registered it (a forked body registers its own)
+
+
+def _finish_at_exit() -> None:
+    """At exit: end the jail prepared ahead, then finish every teardown left. Registered when a
+    jail first needs it, so it runs before the cgroup manager's own exit hook (registered when
+    the first group was made) removes the parent groups (atexit runs the last registered first)."""
+    global _exit_hook_of
+    if _exit_hook_of != os.getpid():
+        import atexit
+
+        _exit_hook_of = os.getpid()
+        atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    _PREPARED.discard()
+    _LATER.finish(wait=True)

@@ -66,6 +66,21 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
     return found
 
 
+def writable_on_entry(found: list[Exposure], tmp: Any) -> tuple[list[Exposure], tuple[str, ...]]:
+    """Take the test's temp dir out of the jail's plan when a read-only exposure above it (the
+    session's base temp dir) already shows it: the body makes it writable as it enters (see
+    ``Entry.writable``), so the jail does not depend on the test and can be prepared ahead."""
+    if tmp is None:
+        return found, ()
+    tmp_path = str(tmp)
+    own = [e for e in found if e.target == tmp_path and e.writable]
+    above = sorted((e for e in found if not e.writable and tmp_path.startswith(e.target.rstrip("/") + "/")),
+                   key=lambda e: -len(e.target))  # the closest: the mount the body sees it through
+    if len(own) != 1 or not above or above[0].mapped != own[0].mapped or above[0].source != above[0].target:
+        return found, ()
+    return [e for e in found if e is not own[0]], (tmp_path,)
+
+
 def basetemp(config: Any) -> str | None:
     """The session's base temporary directory, if the session made one (never made here)."""
     factory = getattr(config, "_tmp_path_factory", None)

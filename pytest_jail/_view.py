@@ -162,7 +162,63 @@ def _resolv_conf(root: str) -> str | None:
     return inside if os.path.isfile(path) and not os.path.islink(path) else None
 
 
-@lru_cache(maxsize=64)
+class _Reads:
+    """The filesystem reads a computation made, with what each returned, so a cached result can
+    be checked against the filesystem as it is now (a rootfs rebuilt, a ``~/.aws`` created since)
+    at the cost of those few system calls, not of the computation."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, read: Any) -> Any:
+        def recorded(path: str) -> Any:
+            result = _outcome(read, path)
+            self.seen.append((read, path, result))
+            if isinstance(result, OSError):
+                raise result
+            return result
+
+        return recorded
+
+    def still_hold(self) -> bool:
+        return all(_same(_outcome(read, path), result) for read, path, result in self.seen)
+
+
+def _outcome(read: Any, path: str) -> Any:
+    try:
+        return read(path)
+    except OSError as exc:
+        return exc
+
+
+def _same(now: Any, then: Any) -> bool:
+    if isinstance(now, OSError) or isinstance(then, OSError):
+        return type(now) is type(then) and getattr(now, "errno", None) == getattr(then, "errno", None)
+    return bool(now == then)
+
+
+class _CheckedCache:
+    """Results keyed by their arguments, each returned only while the reads behind it still hold."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: dict[Any, tuple[Any, _Reads]] = {}
+
+    def get(self, key: Any, compute: Any) -> Any:
+        hit = self.entries.get(key)
+        if hit is not None and hit[1].still_hold():
+            return hit[0]
+        reads = _Reads()
+        value = compute(reads)
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = (value, reads)
+        return value
+
+
+_plans = _CheckedCache(64)
+
+
 def _cached_plan(
     view: int,
     rootfs: str | None,
@@ -176,10 +232,23 @@ def _cached_plan(
     cgroups: tuple[CgroupMount, ...],
     own_net: bool,
 ) -> list[Any]:
-    return plan_mounts(
+    key = (view, rootfs, exposures, closed, tmp_size, layer, scratch, hidden, resolv, cgroups, own_net)
+    plan: list[Any] = _plans.get(key, lambda reads: plan_mounts(
         rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
-        resolv=resolv, cgroups=cgroups, own_net=own_net,
-    )
+        resolv=resolv, cgroups=cgroups, own_net=own_net, exists=reads.wrap(os.path.lexists),
+        isdir=reads.wrap(os.path.isdir), listdir=reads.wrap(_sorted_listdir), islink=reads.wrap(os.path.islink),
+        readlink=reads.wrap(os.readlink),
+    ))
+    return plan
+
+
+def _sorted_listdir(path: str) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def _version(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
 
 
 @lru_cache(maxsize=4)
@@ -206,7 +275,9 @@ HOME_SECRETS = (
 )
 
 
-@lru_cache(maxsize=8)
+_hygiene = _CheckedCache(8)
+
+
 def host_hygiene(
     view: int, home: str | None, runtime_dir: str | None
 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]]:
@@ -214,29 +285,41 @@ def host_hygiene(
 
     A file in ``/etc`` that is a symlink into a scratch directory (``/etc/resolv.conf`` ->
     ``/run/systemd/resolve/stub-resolv.conf``) keeps working: its target is shown read-only.
+    Cached while what it read still holds: a secret created after a first jail is hidden too.
     """
+    found: tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]] = _hygiene.get(
+        (view, home, runtime_dir, os.geteuid()), lambda reads: _host_hygiene(reads, home, runtime_dir))
+    return found
+
+
+def _host_hygiene(
+    reads: _Reads, home: str | None, runtime_dir: str | None
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]]:
+    isdir, islink, lexists = reads.wrap(os.path.isdir), reads.wrap(os.path.islink), reads.wrap(os.path.lexists)
+    isfile, realpath = reads.wrap(os.path.isfile), reads.wrap(os.path.realpath)
     candidates = list(SCRATCH)
     if runtime_dir and os.path.isabs(runtime_dir):
         candidates.append((os.path.normpath(runtime_dir), "0700"))
     scratch: list[tuple[str, str]] = []
     for path, mode in candidates:
-        if os.path.isdir(path) and not os.path.islink(path) and not any(_is_under(path, s) for s, _ in scratch):
+        if isdir(path) and not islink(path) and not any(_is_under(path, s) for s, _ in scratch):
             scratch.append((path, mode))
     homes = {h for h in (home, _home_of(os.geteuid())) if h and os.path.isabs(h) and h != "/"}
     hidden = sorted(
-        os.path.join(h, name) for h in homes for name in HOME_SECRETS if os.path.lexists(os.path.join(h, name))
+        os.path.join(h, name) for h in homes for name in HOME_SECRETS if lexists(os.path.join(h, name))
     )
-    hidden = [h for h in hidden if not os.path.islink(h) and not any(_is_under(h, s) for s, _ in scratch)]
+    hidden = [h for h in hidden if not islink(h) and not any(_is_under(h, s) for s, _ in scratch)]
     revealed = []
-    try:
+    try:  # an entry of /etc added, removed or replaced (ln -sf) changes the directory's mtime
+        reads.wrap(_version)("/etc")
         names = os.listdir("/etc")
     except OSError:
         names = []
     for name in sorted(names):
         path = os.path.join("/etc", name)
         if os.path.islink(path):
-            real = os.path.realpath(path)
-            if os.path.isfile(real) and any(_is_under(real, s) for s, _ in scratch):
+            real = realpath(path)
+            if isfile(real) and any(_is_under(real, s) for s, _ in scratch):
                 revealed.append(Exposure(real, real))
     return tuple(scratch), tuple(hidden), tuple(revealed)
 

@@ -34,6 +34,7 @@ from ._jail import Jail
 from ._jail import uses_root_map
 from ._places import SubprocessCoverage
 from ._places import exposures
+from ._places import writable_on_entry
 from ._probe import HostSupport
 from ._probe import explain
 from ._probe import probe_host
@@ -242,7 +243,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
         layers = item.stash.get(layers_key, None)
         layer = layers.new() if layers is not None and spec.rootfs is not None else None
-        jail = Jail(spec, exposures=exposures(item.config, spec.rootfs, tmp, body=True), layer=layer)
+        shown, writable = writable_on_entry(exposures(item.config, spec.rootfs, tmp, body=True), tmp)
+        jail = Jail(spec, exposures=shown, layer=layer, writable=writable)
         item.stash[call_key] = _guard(item, jail.start_call)
         # Any kind of item (functions, unittest cases, doctests): its own runtest runs in the jail.
         item.runtest = functools.partial(_jailed_runtest, item, item.runtest)  # type: ignore[method-assign]

@@ -55,12 +55,13 @@ def test_ssh_login_lands_in_the_jail(jail, debian, tmp_path, net):
         login = subprocess.run(
             ["ssh", "-i", str(key), "-p", str(PORT), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
              "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{server.ip or '127.0.0.1'}",
-             "hostname; readlink /proc/self/ns/pid; readlink /proc/1/ns/pid; id -un"],
+             "hostname; readlink /proc/self/ns/pid; cat /proc/1/comm; id -un"],
             capture_output=True, text=True, timeout=60,
         )
     assert login.returncode == 0, (login.stderr, server.stderr)
-    hostname, own_ns, init_ns, user = login.stdout.split()
+    hostname, own_ns, init, user = login.stdout.split()
     assert hostname == "sshd-jail"
-    assert own_ns == init_ns != os.readlink("/proc/self/ns/pid")  # the jail's pid 1, not the host's
+    # The jail's pid 1 (its init, whose /proc/1/ns the jail may not read), not the host's.
+    assert init == "jail-init" and own_ns != os.readlink("/proc/self/ns/pid")
     assert user == "root"
     assert f"Server listening on 0.0.0.0 port {PORT}" in server.stderr

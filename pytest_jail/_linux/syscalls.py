@@ -227,6 +227,16 @@ class Syscalls:
         )
         self._check(ret)
 
+    def make_tree_writable(self, tree: int) -> None:
+        """Clear the read-only attribute of a detached tree (``mount_setattr``, Linux 5.12); the
+        kernel refuses where it was locked by a more privileged mount namespace."""
+        attr = _MountAttr(0, MOUNT_ATTR_RDONLY, 0, 0)
+        ret = self._libc.syscall(
+            ctypes.c_long(self._nr["mount_setattr"]), ctypes.c_int(tree), b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        self._check(ret)
+
     def attach_tree(self, tree: int, target: str) -> None:
         """Mount a detached tree (from :meth:`clone_tree`) at ``target`` (``move_mount``)."""
         ret = self._libc.syscall(
