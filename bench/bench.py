@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -212,14 +213,17 @@ def latency_worker(iterations: int, warmup: int) -> None:
         "subprocess": sub, "jail": jail, "jail-unconfined": jail_unconfined, "jail-limits": jail_limits,
         "jail-rootfs": jail_rootfs,
     }
-    if os.geteuid() == 0:
-        methods["jail-bridge"] = jail_bridge
     if shutil.which("bwrap"):
         methods["bwrap"] = bwrap
     samples: dict[str, list[float]] = {name: [] for name in methods}
+    # A fresh random order each iteration (seeded: the same sequence each run): a fixed rotation
+    # always puts the same method after the same one, and a method's kernel clean-up (a network
+    # namespace's) would be paid by its neighbour.
+    order = random.Random(1)
     names = list(methods)
     for i in range(warmup + iterations):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
             code = methods[name]()
             elapsed = time.perf_counter() - start
@@ -227,7 +231,51 @@ def latency_worker(iterations: int, warmup: int) -> None:
                 sys.exit(f"bench: latency {name} exited {code}")
             if i >= warmup:
                 samples[name].append(elapsed)
-    print(json.dumps(samples))
+    if os.geteuid() == 0:  # on its own: each bridged jail leaves the kernel a network to tear down
+        samples["jail-bridge"] = []
+        for i in range(warmup + iterations // 3):
+            start = time.perf_counter()
+            code = jail_bridge()
+            elapsed = time.perf_counter() - start
+            if code != 0:
+                sys.exit(f"bench: latency jail-bridge exited {code}")
+            if i >= warmup:
+                samples["jail-bridge"].append(elapsed)
+    cost: dict[str, list[float]] = {}
+    for name, method in (("bwrap", bwrap), ("jail", jail)):
+        if name in methods:
+            cost[name] = resources_per_run(method, max(20, iterations // 3))
+    print(json.dumps({"samples": samples, "cost": cost}))
+
+
+def resources_per_run(method: Callable[[], int], runs: int) -> list[float]:
+    """CPU milliseconds and page faults per run, of this process and every process it waited for
+    (getrusage: a jail's helper, init and command; bwrap and its command), over ``runs`` runs."""
+    import gc
+    import resource
+
+    def total() -> tuple[float, int]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        return cpu, own.ru_minflt + own.ru_majflt + children.ru_minflt + children.ru_majflt
+
+    method()
+    finish_teardowns()
+    gc.collect()
+    cpu0, faults0 = total()
+    for _ in range(runs):
+        method()
+    finish_teardowns()  # a jail's last teardown steps run off the critical path: count them too
+    cpu1, faults1 = total()
+    return [(cpu1 - cpu0) * 1000 / runs, (faults1 - faults0) / runs]
+
+
+def finish_teardowns() -> None:
+    try:
+        from pytest_jail._jail import _LATER
+    except ImportError:
+        return
+    _LATER.finish(wait=True)
 
 
 def measure_latency(iterations: int, warmup: int) -> dict[str, list[float]]:
@@ -237,7 +285,10 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, list[float]]:
     proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         sys.exit(f"bench: latency worker failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return {k: [s * 1000 for s in v] for k, v in json.loads(proc.stdout).items()}
+    found = json.loads(proc.stdout)
+    samples = {k: [s * 1000 for s in v] for k, v in found["samples"].items()}
+    samples.update({f"cost:{k}": v for k, v in found["cost"].items()})
+    return samples
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -327,13 +378,30 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         if name not in samples:
             continue
         median, p10, p90 = spread(samples[name])
-        deltas = [a - b for a, b in zip(samples[name], base, strict=True)]
-        delta = "—" if name == "subprocess" else f"{statistics.median(deltas):+.2f}"
+        if len(samples[name]) == len(base):  # paired, same iteration
+            shift = statistics.median(a - b for a, b in zip(samples[name], base, strict=True))
+        else:  # measured in a loop of its own: medians
+            shift = statistics.median(samples[name]) - statistics.median(base)
+        delta = "—" if name == "subprocess" else f"{shift:+.2f}"
         print(f"| {labels[name]} | {median:.2f} | {p10:.2f}–{p90:.2f} | {delta} |")
     pairs = [a - b for a, b in zip(samples["jail"], samples["jail-unconfined"], strict=True)]
     print()
     print(f"The system call filter costs {statistics.median(pairs):+.2f} ms per jail (median of paired "
           "differences, default jail minus unconfined, same iteration).")
+    if "bwrap" in samples:
+        ratio = statistics.median(samples["jail"]) / statistics.median(samples["bwrap"])
+        print()
+        print(f"`Jail().run([\"true\"])` takes {ratio:.2f}x bubblewrap's time (medians, same run).")
+    if "cost:jail" in samples and "cost:bwrap" in samples:
+        (jail_cpu, jail_faults), (bwrap_cpu, bwrap_faults) = samples["cost:jail"], samples["cost:bwrap"]
+        print()
+        print("| per run (back to back) | CPU (ms) | page faults |")
+        print("|---|---:|---:|")
+        print(f"| bwrap | {bwrap_cpu:.2f} | {bwrap_faults:.0f} |")
+        print(f"| `Jail().run([\"true\"])` | {jail_cpu:.2f} | {jail_faults:.0f} |")
+        print()
+        print("CPU and faults of the whole process tree (getrusage of this process and of every process it "
+              "waited for), per run.")
     if "bwrap" not in samples:
         print()
         print("bwrap row skipped: `bwrap` not found; install it with `apt-get install bubblewrap` "
