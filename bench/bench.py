@@ -49,12 +49,15 @@ class Variant:
     baselines: tuple[str, ...] = ()
 
 
-PYTEST8 = Env("pytest8", ("pytest==8.4.2", "pytest-forked"))
+PYTEST8 = Env("pytest8", ("pytest==8.4.2", "pytest-forked", "pytest-xdist"))
 PYTEST9 = Env("pytest9", ("pytest>=9,<10",))
 VARIANTS = (
     Variant("plain", PYTEST8, ()),
     Variant("forked", PYTEST8, ("-p", "pytest_forked", "--forked"), ("plain",)),
     Variant("jail-all", PYTEST8, ("--jail-all",), ("plain", "forked")),
+    Variant("plain -n 2", PYTEST8, ("-n", "2")),
+    Variant("forked -n 2", PYTEST8, ("-n", "2", "-p", "pytest_forked", "--forked"), ("plain -n 2",)),
+    Variant("jail-all -n 2", PYTEST8, ("-n", "2", "--jail-all"), ("plain -n 2", "forked -n 2")),
     Variant("plain (pytest 9)", PYTEST9, ()),
     Variant("jail-all (pytest 9)", PYTEST9, ("--jail-all",), ("plain (pytest 9)",)),
 )
@@ -356,6 +359,11 @@ def print_pytest_table(times: dict[str, list[float]], count: int, pytests: dict[
     print()
     print("Overhead cells: median over rounds of (T_variant − T_baseline)/N, same round; "
           "(min … max) over rounds.")
+    print()
+    for jailed, forked, plain in (("jail-all", "forked", "plain"), ("jail-all -n 2", "forked -n 2", "plain -n 2")):
+        ours = statistics.median(overhead_ms(times, jailed, plain, count))
+        theirs = statistics.median(overhead_ms(times, forked, plain, count))
+        print(f"Per-test overhead of `{jailed}` / `{forked}`: {ours / theirs:.2f}x (medians over rounds).")
     print()
 
 

@@ -18,6 +18,7 @@ import socket
 import stat
 import sys
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -401,12 +402,24 @@ def _spawn_command(launch: Launch) -> int:
     env = os.environ if launch.env is None else launch.env
     with _step(launch, "exec"):
         try:
-            return os.posix_spawnp(
-                launch.argv[0], list(launch.argv), env, file_actions=actions, setsid=True,
+            return os.posix_spawn(
+                _program(launch.argv[0], env), list(launch.argv), env, file_actions=actions, setsid=True,
                 setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
             )
         except OSError as exc:
             raise _cannot_run(launch.argv[0], exc, env.get("PATH", os.defpath)) from None
+
+
+def _program(name: str, env: Mapping[str, str]) -> str:
+    """Where ``name`` is, along the PATH of the environment the command gets (as subprocess does
+    with ``env=``; posix_spawnp would search init's own, which is wiped: the default path)."""
+    if "/" in name:
+        return name
+    for directory in os.get_exec_path(env):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def _cannot_run(program: str, exc: OSError, path: str) -> OSError:

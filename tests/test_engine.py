@@ -279,3 +279,22 @@ def test_tmpfs_filler_gets_enospc() -> None:
     result = Jail(JailSpec(tmpfs="8M")).run(["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=64; df -k /tmp"])
     assert "No space left on device" in result.stderr
     assert result.stdout.split("\n")[1].split()[1] == "8192"  # the size df reports, in KiB
+
+
+def test_a_command_is_found_on_the_path_it_is_given(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program is looked up along the PATH of the environment the command gets, as
+    subprocess does: the inherited one, or the one of env= (before: along init's own
+    environment, which is wiped, so the default path: /bin first, a venv's bin never)."""
+    tools = os.path.join(tmp_path, "tools")
+    os.makedirs(tools)
+    for directory in (tmp_path, tools):
+        os.chmod(directory, 0o755)
+    with open(os.path.join(tools, "mytool"), "w") as f:
+        f.write("#!/bin/sh\necho found on PATH\n")
+    os.chmod(os.path.join(tools, "mytool"), 0o755)
+    jail = Jail(exposures=(Exposure(tools, tools),))
+    given = jail.run(["mytool"], env={"PATH": f"{tools}:/usr/bin:/bin"})
+    assert (given.returncode, given.stdout) == (0, "found on PATH\n"), given
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    inherited = jail.run(["mytool"])
+    assert (inherited.returncode, inherited.stdout) == (0, "found on PATH\n"), inherited
