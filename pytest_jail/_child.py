@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -273,6 +274,7 @@ def init_main(launch: Launch, helper: int) -> NoReturn:
             pid = _spawn_command(launch)
             _close(launch.stdin, launch.stdout, launch.stderr)
             status = _watch(launch, recorder, pid)
+            _end_the_rest()  # before the status: the caller returns on it, with nothing left running
         if launch.tun is not None:
             _send(launch, "blocked", attempts=recorder.attempts, dropped=recorder.dropped)
         if launch.listener is not None:
@@ -334,6 +336,23 @@ def _watch(launch: Launch, recorder: blackhole.Recorder, payload: int | None) ->
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _end_the_rest(grace: float = 0.5) -> None:
+    """SIGKILL every other process of the jail (what the command left: daemons) and reap them,
+    for at most ``grace`` seconds (one in uninterruptible sleep is left to the kernel, which
+    kills it when init exits)."""
+    try:
+        os.kill(-1, signal.SIGKILL)  # in a pid namespace: all its processes but init (kill(2))
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.001)
+        except ChildProcessError:
+            return
 
 
 def refuse_one(syscalls: sc.Syscalls, listener: int, refused: list[str]) -> None:

@@ -33,6 +33,7 @@ from . import _child
 from . import _wire
 from ._cgroups import Group
 from ._cgroups import Usage
+from ._cgroups.manager import budget
 from ._errors import JailConfigError
 from ._errors import JailError
 from ._errors import JailSetupError
@@ -566,6 +567,8 @@ class Jail:
                         run.receive(chunk)
                     else:
                         outputs[fd].add(chunk)
+                if outputs and not any(fd in outputs for fd in sel.get_map()) and _status(run) is not None:
+                    break  # init reported the status once nothing of the jail was left: done
         finally:
             for key in list(sel.get_map().values()):
                 if key.fd == stdin:
@@ -1090,6 +1093,8 @@ class _Prepared:
 
     def prepare(self, jail: Jail, recipe: tuple[Any, ...], cwd: str | None) -> None:
         self.discard()
+        if budget() is not None:  # a jail waiting would take from the memory the running test shares
+            return
         try:
             run = jail._launch(jail.spec, cwd=cwd, defer_map=True)
         except Exception:  # noqa: BLE001 - the next test builds its own jail, and reports what fails

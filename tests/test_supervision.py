@@ -242,3 +242,17 @@ def test_each_test_body_gets_a_jail_nobody_used(jailed_pytester: pytest.Pytester
     # A jail and the next (prepared while it ran) exist together: never the same namespaces.
     # (Namespace numbers of jails that are gone may be given again by the kernel.)
     assert len(seen) == 4 and all(a != b for a, b in zip(seen, seen[1:], strict=False)), seen
+
+
+def test_what_a_command_left_running_is_dead_when_run_returns(tmp_path: os.PathLike[str]) -> None:
+    """run() returns once init has killed and reaped everything the command left (a daemon
+    here): nothing of the jail writes after the result is in the caller's hands."""
+    out = os.path.join(tmp_path, "out")
+    os.makedirs(out)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(out, 0o777)
+    result = Jail(exposures=(Exposure(out, out, writable=True),)).run(
+        ["sh", "-c", f"(trap '' TERM HUP; sleep 0.5; touch {out}/late) & echo started"])
+    assert result.stdout == "started\n"
+    time.sleep(1.5)
+    assert os.listdir(out) == []

@@ -332,6 +332,11 @@ _failure: Unavailable | None = None
 _budget: int | None = None
 
 
+def budget() -> int | None:
+    """The memory all of this process's jails share (``--jail-memory-total``), if any."""
+    return _budget
+
+
 def set_budget(memory: int | None) -> None:
     """Memory for all jails of this process together; applied when the manager is made."""
     global _budget
