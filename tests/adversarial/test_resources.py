@@ -66,7 +66,9 @@ def test_a_memory_hog_is_killed_and_pytest_does_not_grow() -> None:
 
 def test_a_command_that_never_ends_is_killed_at_the_timeout() -> None:
     """A command that ignores SIGTERM and forks a daemon: the whole tree is gone at the timeout."""
-    result = Jail(JailSpec(timeout=1)).run(["sh", "-c", "trap '' TERM; (setsid sleep 300 &); sleep 300"])
+    tag = f"pj-endless-{os.getpid()}"  # (a scan of /proc for "sleep 300" saw other tests' sleepers)
+    result = Jail(JailSpec(timeout=1)).run(
+        ["bash", "-c", f"trap '' TERM; (setsid bash -c 'exec -a {tag} sleep 300' &); exec -a {tag} sleep 300"])
     assert result.timed_out
     with os.scandir("/proc") as entries:
         sleepers = []
@@ -74,7 +76,7 @@ def test_a_command_that_never_ends_is_killed_at_the_timeout() -> None:
             if entry.name.isdigit():
                 try:
                     with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        if f.read() == b"sleep\x00300\x00":
+                        if tag.encode() in f.read():
                             sleepers.append(entry.name)
                 except OSError:
                     pass

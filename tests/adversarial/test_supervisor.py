@@ -41,12 +41,16 @@ def test_a_jail_dies_with_pytests_process() -> None:
     script = (
         "import sys, time\n"
         "from pytest_jail import Jail\n"
-        f"Jail().spawn(['sh', '-c', 'exec -a {tag} sleep 300'])\n"
+        f"Jail().spawn(['bash', '-c', 'exec -a {tag} sleep 300'])\n"  # (dash has no exec -a)
         "print('spawned', flush=True)\n"
         "time.sleep(300)\n"
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline() == "spawned\n"
+    deadline = time.monotonic() + 10
+    while not _tagged(tag) and time.monotonic() < deadline:  # the jail's command runs
+        time.sleep(0.02)
+    assert _tagged(tag)
     child.kill()
     child.wait()
     deadline = time.monotonic() + 10
