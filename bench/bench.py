@@ -417,6 +417,68 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
     print()
 
 
+# -- a real project's suite ------------------------------------------------------------------------
+
+
+def measure_suite(name: str, rounds: int) -> tuple[dict[str, list[float]], dict[str, str], int]:
+    """A popular project's own suite (from its sdist, with its own configuration, as
+    scripts/real-suites sets it up, in a venv of its own with pytest 8.4.2 and pytest-forked):
+    wall time of plain, ``--forked`` and ``--jail-all`` runs, round-robin."""
+    import importlib.machinery
+    import importlib.util
+
+    os.environ["PYTEST_JAIL_REAL"] = str(CACHE / "real")  # not the real-suites' pytest 9 venvs
+    loader = importlib.machinery.SourceFileLoader("real_suites", str(REPO / "scripts" / "real-suites"))
+    spec = importlib.util.spec_from_loader("real_suites", loader)
+    assert spec is not None
+    real = importlib.util.module_from_spec(spec)
+    sys.modules["real_suites"] = real
+    loader.exec_module(real)
+    project = next((p for p in real.PROJECTS if p.name == name), None)
+    if project is None:
+        sys.exit(f"bench: --suite {name}: not one of {', '.join(p.name for p in real.PROJECTS)}")
+    log(f"suite {name}: fetching and installing (pytest 8.4.2, pytest-forked)")
+    source = real.fetch(project)
+    venv = real.install(project, source, "pytest==8.4.2")
+    subprocess.run([f"{venv}/bin/pip", "install", "-q", "--disable-pip-version-check", "pytest-forked"], check=True)
+    # pytest-forked leaves its temporary output files open in pytest's process: under a suite's
+    # filterwarnings = error (click's) every test would error on the ResourceWarning.
+    forked = ("-p", "pytest_forked", "--forked", "-W", "ignore::pytest.PytestUnraisableExceptionWarning")
+    variants = {"plain": (), "forked": forked, "jail-all": ("--jail-all",)}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    summaries: dict[str, str] = {}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    env["PATH"] = f"{venv}/bin:{env['PATH']}"
+    for round_ in range(rounds):
+        for variant in list(variants)[round_ % 3:] + list(variants)[:round_ % 3]:
+            log(f"suite {name}: round {round_ + 1}/{rounds}, {variant}")
+            argv = [f"{venv}/bin/python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "no:randomly",
+                    *project.args, *variants[variant]]
+            start = time.perf_counter()
+            done = subprocess.run(argv, cwd=source, env=env, capture_output=True, text=True)
+            times[variant].append(time.perf_counter() - start)
+            summaries[variant] = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    count = sum(int(w) for w, n in zip(summaries["plain"].split(), summaries["plain"].split()[1:], strict=False)
+                if n.rstrip(",") in ("passed", "failed", "skipped", "xfailed") and w.isdigit())
+    return times, summaries, count
+
+
+def print_suite_table(name: str, times: dict[str, list[float]], summaries: dict[str, str], count: int) -> None:
+    print(f"## A real suite: {name} ({count} tests, its own configuration, pytest 8.4.2)")
+    print()
+    print("| variant | wall, median (s) | vs plain (ms/test) | pytest's last line |")
+    print("|---|---:|---:|---|")
+    plain = statistics.median(times["plain"])
+    for variant, runs in times.items():
+        extra = "—" if variant == "plain" else f"+{(statistics.median(runs) - plain) / max(count, 1) * 1000:.1f}"
+        print(f"| {variant} | {statistics.median(runs):.1f} | {extra} | {summaries[variant]} |")
+    forked = statistics.median(times["forked"]) - plain
+    jailed = statistics.median(times["jail-all"]) - plain
+    print()
+    print(f"Per-test overhead of `--jail-all` / `--forked` on this suite: {jailed / forked:.2f}x.")
+    print()
+
+
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -425,6 +487,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="timed pytest rounds (default 5, quick 2)")
     parser.add_argument("--tests", type=int, default=None, help="tests per run (default 200, quick 50)")
     parser.add_argument("--quick", action="store_true", help="fast smoke run: fewer tests and rounds")
+    parser.add_argument("--suite", default=None,
+                        help="also time a real project's suite (a name from scripts/real-suites, e.g. click) "
+                        "plain, --forked and --jail-all; fetches its sdist from PyPI once")
     parser.add_argument("--latency-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -452,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     pytests = {PYTEST8.name: facts[0]["pytest"], PYTEST9.name: facts[1]["pytest"]}
     print_pytest_table(times, args.tests, pytests)
     print_latency_table(samples)
+    if args.suite:
+        print_suite_table(args.suite, *measure_suite(args.suite, args.rounds))
     print(f"Total bench time: {time.perf_counter() - started:.0f} s")
 
 
