@@ -43,7 +43,8 @@ class Manager:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.name = f"{PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+        # pid, token, and the pid namespace the pid is read in (see clean_stale_everywhere)
+        self.name = f"{PREFIX}{os.getpid()}.{secrets.token_hex(4)}.{_pid_namespace()}"
         self._counter = itertools.count(1)
         self.parents: dict[str, str] = {}
         self.v2_parent: str | None = None
@@ -264,23 +265,63 @@ def clean_stale_everywhere(layout: Layout | None = None) -> None:
         return
     for own in {*layout.v1.values(), *([delegated_root(layout.v2)] if layout.v2 else [])}:
         clean_stale(own)
+        # A killed run that lived in another group than ours (a CI job, a session scope: each in
+        # a group of its own under a common parent) left its parents next to our group, where no
+        # later run would look: those too, if their pid was read in our pid namespace.
+        parent = os.path.dirname(own)
+        if os.path.exists(os.path.join(parent, "cgroup.procs")):
+            for entry in _subgroups(parent):
+                if entry != own and not os.path.basename(entry).startswith(PREFIX):
+                    clean_stale(entry, same_pid_namespace_only=True)
 
 
-def clean_stale(own: str) -> None:
-    """Empty and remove parents left by runs whose process is gone (killed, crashed)."""
+def clean_stale(own: str, same_pid_namespace_only: bool = False) -> None:
+    """Empty and remove parents left by runs whose process is gone (killed, crashed).
+
+    ``same_pid_namespace_only``: only parents named with our pid namespace, or (named before
+    that was part of the name) holding no process: a pid read in a container's namespace says
+    nothing about a process here."""
     try:
         names = os.listdir(own)
     except OSError:
         return
+    ours = str(_pid_namespace())
     for name in names:
         if not name.startswith(PREFIX):
             continue
+        parts = name.split(".")
         try:
-            pid = int(name.split(".")[1])
+            pid = int(parts[1])
         except (IndexError, ValueError):
             continue
+        path = os.path.join(own, name)
+        if same_pid_namespace_only and not (len(parts) > 3 and parts[3] == ours):
+            if len(parts) != 3 or parts[2] == "pytest" or _populated(path):
+                continue
         if not _alive(pid):
-            _remove_tree(os.path.join(own, name))
+            _remove_tree(path)
+
+
+def _pid_namespace() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def _subgroups(path: str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _populated(path: str) -> bool:
+    """Whether any group of the tree at ``path`` holds a process."""
+    for group in _children_first(path):
+        try:
+            if read(os.path.join(group, "cgroup.procs")).strip():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -109,3 +109,44 @@ def test_a_frozen_stale_cgroup_is_cleaned_at_once(tmp_path: os.PathLike[str]) ->
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+@root_mode
+def test_stale_parents_next_to_our_group_are_cleaned() -> None:
+    """A run killed while it lived in another group than this one (each CI job or session scope
+    in a group of its own) left its parents beside ours, where no later run looked: they go at
+    the next start too; one named in another pid namespace, or still holding a process, stays."""
+    from pytest_jail._cgroups.detect import detect
+    from pytest_jail._cgroups.manager import PREFIX
+    from pytest_jail._cgroups.manager import clean_stale_everywhere
+
+    layout = detect()
+    own = layout.v1.get("memory") or layout.v2
+    assert own is not None
+    parent = os.path.dirname(own)
+    if not os.path.exists(os.path.join(parent, "cgroup.procs")):
+        pytest.skip(f"this process's group {own} is a hierarchy's root: it has no neighbours")
+    dead = next(n for n in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{n}"))
+    pidns = os.stat("/proc/self/ns/pid").st_ino
+    neighbour = os.path.join(parent, f"pj-neighbour-{os.getpid()}")
+    ours = os.path.join(neighbour, f"{PREFIX}{dead}.0badcafe.{pidns}")
+    legacy = os.path.join(neighbour, f"{PREFIX}{dead}.0ddba11")  # named before the namespace was
+    foreign = os.path.join(neighbour, f"{PREFIX}{dead}.feedface.{pidns + 1}")
+    busy = os.path.join(neighbour, f"{PREFIX}{dead + 1}.5ca1ab1e")
+    for path in (ours, legacy, foreign, busy):
+        os.makedirs(os.path.join(path, "j1"))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(os.path.join(busy, "j1", "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        clean_stale_everywhere()
+        assert not os.path.exists(ours) and not os.path.exists(legacy)
+        assert os.path.isdir(foreign) and os.path.isdir(busy)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for path in (busy, foreign, ours, legacy):
+            for group in (os.path.join(path, "j1"), path):
+                if os.path.isdir(group):
+                    os.rmdir(group)
+        os.rmdir(neighbour)
