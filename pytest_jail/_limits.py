@@ -9,9 +9,9 @@ from ._cgroups import Group
 from ._cgroups import Limits
 from ._cgroups import Usage
 from ._cgroups.manager import Unavailable
-from ._cgroups.manager import manager
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
+from ._host import host
 from ._linux.mounts import Exposure
 from ._spec import JailSpec
 
@@ -23,7 +23,7 @@ def cgroup_for(spec: JailSpec, exposures: tuple[Exposure, ...]) -> Group | None:
     """The jail's cgroup with its limits applied; ``None`` where cgroups are unavailable and no
     limit was asked for. A limit is never silently ignored."""
     try:
-        cgroups = manager()
+        cgroups = host().cgroups()
     except Unavailable as exc:
         if spec.limits:
             names = ", ".join(spec.limits)
@@ -78,6 +78,6 @@ def usage_fields(usage: Usage | None, spec: JailSpec) -> dict[str, Any]:
         "peak_memory": usage.peak_memory,
         "pids_limit_hit": usage.pids_denied,
         "memory_limit": spec.memory,
-        "memory_budget": manager().budget,
+        "memory_budget": host().memory_budget,
         "pids_limit": spec.pids or DEFAULT_PIDS,
     }

@@ -6,8 +6,13 @@ import errno
 import os
 from dataclasses import dataclass
 
+from ._cgroups.manager import Unavailable
+from ._cgroups.manager import limits_summary
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
+from ._host import made_host
+from ._view import ROOT_MAP_BASE
+from ._view import uses_root_map
 
 
 def _read(path: str) -> str | None:
@@ -30,8 +35,6 @@ class HostSupport:
     def summary(self) -> str:
         if not self.ok:
             return f"jail: unavailable on this host: {self.reason}"
-        from ._jail import ROOT_MAP_BASE
-
         who = (
             f"root mode, jail root = host uid {ROOT_MAP_BASE}"
             if self.mode == "root"
@@ -45,19 +48,15 @@ class HostSupport:
 
 
 def _limits_summary() -> str:
-    from ._cgroups.manager import Unavailable
-    from ._cgroups.manager import limits_summary
-
+    made = made_host()
     try:  # found without creating a group: a run that jails nothing changes nothing on the host
-        return f"limits: {limits_summary()}"
+        return f"limits: {limits_summary(made.made_cgroups() if made is not None else None)}"
     except Unavailable as exc:
         return f"limits: unavailable ({exc.reason})"
 
 
 def probe_host() -> HostSupport:
     """Read the sysctls that decide whether unprivileged user namespaces work, without forking."""
-    from ._jail import uses_root_map
-
     mode = "root" if uses_root_map() else "rootless"
     if not os.path.exists("/proc/self/ns/user"):
         return HostSupport(False, mode, "the kernel has no user namespaces (CONFIG_USER_NS)",

@@ -2,20 +2,93 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
+import warnings
+from dataclasses import dataclass
+from dataclasses import field
 from types import TracebackType
-from typing import TYPE_CHECKING
 from typing import final
 
 from ._errors import JailConfigError
 from ._errors import JailProcessError
+from ._errors import JailSetupError
 from ._errors import JailTimeoutError
+from ._limits import usage_fields
 from ._result import JailResult
+from ._spec import JailSpec
+from ._spec import format_size
+from ._supervisor import Output
+from ._supervisor import Supervisor
+from ._supervisor import returncode as returncode_of
 
-if TYPE_CHECKING:
-    from ._jail import Command
+#: How much of each of a command's output streams is kept (``jail.run(..., output_limit=...)``).
+DEFAULT_OUTPUT_LIMIT = 16 << 20
+
+
+@dataclass
+class Command:
+    """A command started in a jail: its supervisor and output pipes, until :meth:`result`."""
+
+    run: Supervisor
+    args: list[str]
+    spec: JailSpec
+    stdout_fd: int
+    stderr_fd: int
+    stdin_fd: int | None
+    data: bytes | None
+    timed_out: bool = False
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+    outputs: dict[int, Output] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outputs = {self.stdout_fd: Output(self.output_limit), self.stderr_fd: Output(self.output_limit)}
+
+    @property
+    def ip(self) -> str | None:
+        return None if self.run.attachment is None else self.run.attachment.ip
+
+    def output(self, fd: int) -> str:
+        return bytes(self.outputs[fd].data).decode("utf-8", "replace")
+
+    def collect(self) -> None:
+        """Read its output until the jail is gone; kill it at its timeout."""
+        self.timed_out = self.run.collect(self.spec.timeout, self.outputs, self.stdin_fd, self.data)
+
+    def result(self) -> JailResult:
+        """Reap the jail (after :meth:`collect`) and say how it ended."""
+        run, timed_out = self.run, self.timed_out
+        status = run.teardown()
+        returncode = returncode_of(status)
+        oom = run.usage is not None and run.usage.oom_kills > 0
+        if not timed_out and not oom and not run.killed:
+            # (With memory.oom.group on cgroup v2, the OOM killer takes init too: no status then.)
+            run.raise_setup_error()
+            if status is None:
+                raise JailSetupError("init", None, "the jail ended before it reported the command's status")
+        streams = (("stdout", self.stdout_fd), ("stderr", self.stderr_fd))
+        dropped = {name: self.outputs[fd].dropped for name, fd in streams}
+        if any(dropped.values()):
+            lost = ", ".join(f"{name} {n} bytes" for name, n in dropped.items() if n)
+            warnings.warn(f"jail.run({self.args!r}): output beyond the limit of {format_size(self.output_limit)} "
+                          f"per stream was dropped ({lost}); see output_limit=", RuntimeWarning, stacklevel=3)
+        return JailResult(
+            args=self.args,
+            returncode=-signal.SIGKILL if (timed_out or run.killed) and returncode == 0 else returncode,
+            stdout=self.output(self.stdout_fd),
+            stderr=self.output(self.stderr_fd),
+            stdout_dropped=dropped["stdout"],
+            stderr_dropped=dropped["stderr"],
+            timed_out=timed_out,
+            duration=time.monotonic() - run.started,
+            cpu_time=run.cpu_time(),
+            timeout=self.spec.timeout,
+            blocked=run.blocked(),
+            blocked_syscalls=run.refused(),
+            **usage_fields(run.usage, self.spec),
+        )
 
 
 @final
@@ -139,4 +212,4 @@ class JailProcess:
         except BaseException as exc:  # handed to wait()
             self._error = exc
             with self._lock:
-                self._command.jail._abandon(self._command.run)  # never a jail left running
+                self._command.run.abandon()  # never a jail left running

@@ -11,11 +11,12 @@ import pwd
 import stat
 import sys
 import warnings
-from functools import lru_cache
 from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 from typing import Any
 
 from ._errors import JailUnavailableError
+from ._host import Reads
+from ._host import host
 from ._linux.mounts import CGROUP_ROOT
 from ._linux.mounts import OLD
 from ._linux.mounts import CgroupMount
@@ -24,7 +25,6 @@ from ._linux.mounts import cgroup_mounts
 from ._linux.mounts import closed_ancestors
 from ._linux.mounts import plan_mounts
 from ._linux.net import Attachment
-from ._linux.net import networks
 from ._linux.syscalls import Syscalls
 from .rootfs import NAMES
 from .rootfs import named_rootfs
@@ -47,12 +47,9 @@ def in_initial_user_namespace() -> bool:
 
 def uses_root_map() -> bool:
     """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids."""
-    return _root_map(os.getpid(), os.geteuid())
-
-
-@lru_cache(maxsize=4)
-def _root_map(pid: int, euid: int) -> bool:  # per process: a jailed body is a fork in another userns
-    return euid == 0 and in_initial_user_namespace()
+    euid = os.geteuid()  # (asked per process: a jailed body is a fork in another user namespace)
+    root_map: bool = host().fact(("root map", euid), lambda: euid == 0 and in_initial_user_namespace())
+    return root_map
 
 
 def runtime_paths(*, imports_only: bool = False) -> list[str]:
@@ -62,10 +59,11 @@ def runtime_paths(*, imports_only: bool = False) -> list[str]:
     rootfs, which is a fork of this interpreter (its binary and libraries are already loaded), and
     which must not get the host's whole ``/usr`` over the rootfs's when Python's prefix is ``/usr``.
     """
-    return list(_runtime_paths(tuple(sys.path), os.getcwd(), imports_only))
+    path, cwd = tuple(sys.path), os.getcwd()
+    found = host().fact(("runtime paths", path, cwd, imports_only), lambda: _runtime_paths(path, cwd, imports_only))
+    return list(found)
 
 
-@lru_cache(maxsize=8)
 def _runtime_paths(path: tuple[str, ...], cwd: str, imports_only: bool) -> tuple[str, ...]:
     paths = set() if imports_only else {
         sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))
@@ -162,61 +160,6 @@ def _resolv_conf(root: str) -> str | None:
     return inside if os.path.isfile(path) and not os.path.islink(path) else None
 
 
-class _Reads:
-    """The filesystem reads a computation made, with what each returned, so a cached result can
-    be checked against the filesystem as it is now (a rootfs rebuilt, a ``~/.aws`` created since)
-    at the cost of those few system calls, not of the computation."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[Any, str, Any]] = []
-
-    def wrap(self, read: Any) -> Any:
-        def recorded(path: str) -> Any:
-            result = _outcome(read, path)
-            self.seen.append((read, path, result))
-            if isinstance(result, OSError):
-                raise result
-            return result
-
-        return recorded
-
-    def still_hold(self) -> bool:
-        return all(_same(_outcome(read, path), result) for read, path, result in self.seen)
-
-
-def _outcome(read: Any, path: str) -> Any:
-    try:
-        return read(path)
-    except OSError as exc:
-        return exc
-
-
-def _same(now: Any, then: Any) -> bool:
-    if isinstance(now, OSError) or isinstance(then, OSError):
-        return type(now) is type(then) and getattr(now, "errno", None) == getattr(then, "errno", None)
-    return bool(now == then)
-
-
-class _CheckedCache:
-    """Results keyed by their arguments, each returned only while the reads behind it still hold."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: dict[Any, tuple[Any, _Reads]] = {}
-
-    def get(self, key: Any, compute: Any) -> Any:
-        hit = self.entries.get(key)
-        if hit is not None and hit[1].still_hold():
-            return hit[0]
-        reads = _Reads()
-        value = compute(reads)
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = (value, reads)
-        return value
-
-
-_plans = _CheckedCache(64)
 
 
 def _cached_plan(
@@ -233,7 +176,7 @@ def _cached_plan(
     own_net: bool,
 ) -> list[Any]:
     key = (view, rootfs, exposures, closed, tmp_size, layer, scratch, hidden, resolv, cgroups, own_net)
-    plan: list[Any] = _plans.get(key, lambda reads: plan_mounts(
+    plan: list[Any] = host().plans.get(key, lambda reads: plan_mounts(
         rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
         resolv=resolv, cgroups=cgroups, own_net=own_net, exists=reads.wrap(os.path.lexists),
         isdir=reads.wrap(os.path.isdir), listdir=reads.wrap(_sorted_listdir), islink=reads.wrap(os.path.islink),
@@ -251,9 +194,13 @@ def _version(path: str) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-@lru_cache(maxsize=4)
 def host_cgroups(view: int) -> tuple[CgroupMount, ...]:
     """The cgroup filesystems this process sees under /sys/fs/cgroup (per mount namespace)."""
+    mounts: tuple[CgroupMount, ...] = host().fact(("cgroup mounts", view), _cgroup_mounts)
+    return mounts
+
+
+def _cgroup_mounts() -> tuple[CgroupMount, ...]:
     try:
         with open("/proc/self/mountinfo") as f:
             mountinfo = f.read()
@@ -275,9 +222,6 @@ HOME_SECRETS = (
 )
 
 
-_hygiene = _CheckedCache(8)
-
-
 def host_hygiene(
     view: int, home: str | None, runtime_dir: str | None
 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]]:
@@ -287,13 +231,13 @@ def host_hygiene(
     ``/run/systemd/resolve/stub-resolv.conf``) keeps working: its target is shown read-only.
     Cached while what it read still holds: a secret created after a first jail is hidden too.
     """
-    found: tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]] = _hygiene.get(
+    found: tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]] = host().hygiene.get(
         (view, home, runtime_dir, os.geteuid()), lambda reads: _host_hygiene(reads, home, runtime_dir))
     return found
 
 
 def _host_hygiene(
-    reads: _Reads, home: str | None, runtime_dir: str | None
+    reads: Reads, home: str | None, runtime_dir: str | None
 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[Exposure, ...]]:
     isdir, islink, lexists = reads.wrap(os.path.isdir), reads.wrap(os.path.islink), reads.wrap(os.path.lexists)
     isfile, realpath = reads.wrap(os.path.isfile), reads.wrap(os.path.realpath)
@@ -344,12 +288,12 @@ def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | Non
     or ``None`` where its filesystem cannot be id-mapped (Linux 5.12; tmpfs 6.3; not NFS): then
     it is bound as it is, and files owned by the host's root are read-only to the jail's root.
     """
-    if rootfs in NOT_IDMAPPED:  # it failed once; the filesystem will not change its mind
+    if rootfs in host().not_idmapped:  # it failed once; the filesystem will not change its mind
         return None
     try:
         tree = _syscalls().clone_tree(rootfs)
     except OSError as exc:
-        NOT_IDMAPPED[rootfs] = exc.strerror or str(exc)
+        host().not_idmapped[rootfs] = exc.strerror or str(exc)
         return None
     try:
         ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
@@ -360,7 +304,7 @@ def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | Non
     except OSError as exc:
         os.close(tree)
         if quiet:
-            NOT_IDMAPPED[rootfs] = exc.strerror or str(exc)
+            host().not_idmapped[rootfs] = exc.strerror or str(exc)
         else:
             _warn_not_idmapped(rootfs, exc.strerror or str(exc))
         return None
@@ -374,11 +318,11 @@ def idmap_works(path: str) -> bool:
         device = os.stat(path).st_dev
     except OSError:
         return False
-    return _idmap_works(device, path)
+    works: bool = host().fact(("idmap", device), lambda: _idmap_works(path))
+    return works
 
 
-@lru_cache(maxsize=16)
-def _idmap_works(device: int, path: str) -> bool:
+def _idmap_works(path: str) -> bool:
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -411,15 +355,11 @@ def _idmap_works(device: int, path: str) -> bool:
             pass
 
 
-#: Rootfs directories this process could not id-map, with the kernel's reason.
-NOT_IDMAPPED: dict[str, str] = {}
-
-
 def _warn_not_idmapped(rootfs: str, reason: str) -> None:
     """Once per rootfs: the jail's root will not own the host root's files there."""
-    if rootfs in NOT_IDMAPPED:
+    if rootfs in host().not_idmapped:
         return
-    NOT_IDMAPPED[rootfs] = reason
+    host().not_idmapped[rootfs] = reason
     warnings.warn(
         f"pytest-jail: {rootfs} is on a filesystem this kernel cannot id-map ({reason}; NFS, or tmpfs "
         "before Linux 6.3): in its jails, files owned by the host's root are read-only to the jail's root",
@@ -428,9 +368,9 @@ def _warn_not_idmapped(rootfs: str, reason: str) -> None:
     )
 
 
-@lru_cache(maxsize=1)
 def _syscalls() -> Syscalls:
-    return Syscalls()
+    syscalls: Syscalls = host().fact(Syscalls, Syscalls)
+    return syscalls
 
 
 def reserve_address(
@@ -444,7 +384,7 @@ def reserve_address(
             "namespace); rootless jails have net='none' and net='host'",
             "run pytest as root for bridge networks, or use net='none' with a server and its client in one jail",
         )
-    return networks().reserve(segment, hostname, way_out)
+    return host().networks().reserve(segment, hostname, way_out)
 
 
 def check_readable_by_jail(exposures: tuple[Exposure, ...]) -> None:

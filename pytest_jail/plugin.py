@@ -23,7 +23,6 @@ import pytest
 from . import _remote
 from . import _replay
 from . import hooks
-from ._cgroups.manager import set_budget
 from ._errors import JailConfigError
 from ._errors import JailError
 from ._errors import JailSetupError
@@ -31,6 +30,7 @@ from ._errors import JailUnavailableError
 from ._jail import ROOT_MAP_BASE
 from ._jail import Call
 from ._jail import Jail
+from ._jail import set_memory_budget
 from ._jail import uses_root_map
 from ._places import SubprocessCoverage
 from ._places import exposures
@@ -123,7 +123,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except JailConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.stash[base_spec_key] = spec
-    set_budget(_memory_total(config))
+    set_memory_budget(_memory_total(config))
     for name in ("jail_all", "jail_keep_failed"):
         _ini_bool(config, name)  # a bad value stops pytest here, in one line
     config.pluginmanager.register(_BodyReport(), "jail-body-report")

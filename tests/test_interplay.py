@@ -610,10 +610,10 @@ def test_a_program_reads_its_jails_limits(jailed_pytester: pytest.Pytester) -> N
     """With memory='64M', /sys/fs/cgroup in the jail shows the jail's own group and that limit
     (v1 and v2), as a container shows it; /proc/self/cgroup shows the jail's group as /."""
     from pytest_jail._cgroups.manager import Unavailable
-    from pytest_jail._cgroups.manager import manager
+    from pytest_jail._host import host
 
     try:
-        manager()
+        host().cgroups()
     except Unavailable as exc:
         pytest.skip(f"no cgroups for jails here: {exc.reason}")
     jailed_pytester.makepyfile(
@@ -672,10 +672,10 @@ def test_a_missing_program_is_not_found(jailed_pytester: pytest.Pytester) -> Non
 def test_oom_while_the_jail_is_built_says_so(jailed_pytester: pytest.Pytester) -> None:
     """A jail its own memory limit kills while it is built is a setup error naming the limit."""
     from pytest_jail._cgroups.manager import Unavailable
-    from pytest_jail._cgroups.manager import manager
+    from pytest_jail._host import host
 
     try:
-        manager()
+        host().cgroups()
     except Unavailable as exc:
         pytest.skip(f"no cgroups for jails here: {exc.reason}")
     jailed_pytester.makeconftest("BIG = bytearray(3 << 30)  # a big pytest: forks of it need page tables\n")

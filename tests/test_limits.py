@@ -14,10 +14,10 @@ from leftovers import tagged
 from pytest_jail import Jail
 from pytest_jail import JailSpec
 from pytest_jail._cgroups.manager import Unavailable
-from pytest_jail._cgroups.manager import manager
+from pytest_jail._host import host
 
 try:
-    manager()
+    host().cgroups()
     _CGROUPS = ""
 except Unavailable as exc:
     _CGROUPS = f"{exc.reason}; {exc.remedy}"

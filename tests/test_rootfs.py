@@ -21,8 +21,8 @@ from pytest_jail import Jail
 from pytest_jail import JailConfigError
 from pytest_jail import JailSpec
 from pytest_jail import JailUnavailableError
+from pytest_jail._host import host
 from pytest_jail._linux.mounts import Exposure
-from pytest_jail._view import NOT_IDMAPPED
 from pytest_jail._view import runtime_paths
 from pytest_jail.rootfs import busybox
 from pytest_jail.rootfs import named_rootfs
@@ -132,8 +132,8 @@ def test_root_owned_tree_belongs_to_the_jails_root(built: str) -> None:
         warnings.simplefilter("ignore")
         result = Jail(JailSpec(rootfs=built)).run(
             ["sh", "-c", "stat -c '%u %a' /etc/shadow; echo 'x:*:1::::::' >> /etc/shadow && echo appended"])
-    if built in NOT_IDMAPPED:
-        pytest.skip(f"this kernel cannot id-map {built}: {NOT_IDMAPPED[built]} (tmpfs before Linux 6.3?)")
+    if built in host().not_idmapped:
+        pytest.skip(f"this kernel cannot id-map {built}: {host().not_idmapped[built]} (tmpfs before Linux 6.3?)")
     assert result.stdout == "0 600\nappended\n", result.stderr
     assert "x:*" not in Path(built, "etc/shadow").read_text()
 

@@ -117,12 +117,13 @@ def test_a_process_that_cannot_die_does_not_hang_pytest(monkeypatch: pytest.Monk
     own, which SIGKILL cannot end): killing the jail returns, and finishing its teardown gives up
     after a grace with a warning naming what was left, instead of waiting forever; once the
     process can end, nothing of the jail remains."""
-    from pytest_jail import _jail
     from pytest_jail._cgroups.detect import detect
+    from pytest_jail._host import host
 
     if "freezer" not in detect().v1:
         pytest.skip("needs a v1 freezer hierarchy (a v2 kernel's frozen processes die of SIGKILL: no D state to make)")
-    monkeypatch.setattr(_jail, "_KILL_GRACE", 0.5)
+    teardowns = host().teardowns
+    monkeypatch.setattr(teardowns, "grace", 0.5)
     service = Jail().spawn(["sh", "-c", "sleep 300 & wait"])
     group = service._command.run.group
     assert group is not None
@@ -147,7 +148,7 @@ def test_a_process_that_cannot_die_does_not_hang_pytest(monkeypatch: pytest.Monk
         result = service.kill()  # returns: the rest of its teardown waits off the critical path
         assert result.returncode == -signal.SIGKILL
         with pytest.warns(JailWarning) as caught:
-            _jail._LATER.finish(wait=True)  # as at exit, or with too many pending: bounded, then named
+            teardowns.finish(wait=True)  # as at exit, or with too many pending: bounded, then named
         said = " | ".join(str(w.message) for w in caught)
         assert "SIGKILL does not end: a process in uninterruptible sleep" in said, said
     finally:
@@ -160,7 +161,7 @@ def test_a_process_that_cannot_die_does_not_hang_pytest(monkeypatch: pytest.Monk
     os.rmdir(stuck)
     group.remove()  # nothing else of the jail was left
     Jail().run(["true"])  # (and a later teardown reaps any helper that was given up on)
-    assert _jail._UNREAPED == set()
+    assert teardowns.unreaped == set()
 
 
 def test_launching_a_jail_keeps_what_other_threads_do_to_warning_filters(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ the next start by its dead owner pid, emptied and removed.
 
 from __future__ import annotations
 
-import atexit
 import errno
 import itertools
 import os
@@ -222,11 +221,12 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
-def limits_summary() -> str:
-    """What the report header says about limits, found without creating anything: ``cgroups:
-    ...``; raises :class:`Unavailable` with the reason a jail's limits would fail with."""
-    if _manager is not None and _manager.name.split(".")[1] == str(os.getpid()):
-        return _manager.layout.describe()
+def limits_summary(made: Manager | None = None) -> str:
+    """What the report header says about limits, found without creating anything (``made``: the
+    process's manager, if a jail made it); raises :class:`Unavailable` with the reason a jail's
+    limits would fail with."""
+    if made is not None:
+        return made.layout.describe()
     layout = detect()
     if layout.kind in ("v1", "hybrid"):
         missing = [c for c in V1_CONTROLLERS if c not in layout.v1]
@@ -366,36 +366,3 @@ def _children_first(path: str) -> Iterator[str]:
     for entry in entries:
         yield from _children_first(entry.path)
     yield path
-
-
-_manager: Manager | None = None
-_failure: Unavailable | None = None
-_budget: int | None = None
-
-
-def budget() -> int | None:
-    """The memory all of this process's jails share (``--jail-memory-total``), if any."""
-    return _budget
-
-
-def set_budget(memory: int | None) -> None:
-    """Memory for all jails of this process together; applied when the manager is made."""
-    global _budget
-    _budget = memory
-
-
-def manager() -> Manager:
-    """This process's manager, made on first use; raises :class:`Unavailable` with the cause."""
-    global _manager, _failure
-    if _manager is not None and _manager.name.split(".")[1] == str(os.getpid()):
-        return _manager
-    if _failure is not None:
-        raise _failure
-    try:
-        _manager = Manager(detect())
-    except Unavailable as exc:
-        _failure = exc
-        raise
-    atexit.register(_manager.close)
-    _manager.set_budget(_budget)
-    return _manager

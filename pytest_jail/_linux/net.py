@@ -420,29 +420,3 @@ def _sysctl(name: str, value: str) -> None:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-_networks: Networks | None = None
-_cleaned_by: int | None = None  # the pid that removed what dead runs left
-
-
-def clean_stale_once() -> None:
-    """:func:`clean_stale`, once per process: when it makes its first jail (root mode), so a
-    killed earlier run's bridges and forwarding settings do not outlive the next run that jails
-    anything, and a run that jails nothing changes nothing."""
-    global _cleaned_by
-    if _cleaned_by != os.getpid():
-        _cleaned_by = os.getpid()
-        clean_stale()
-
-
-def networks() -> Networks:
-    """This process's networks, made on first use and closed at exit."""
-    global _networks
-    if _networks is None:
-        import atexit
-
-        clean_stale_once()  # a killed earlier run's bridges, before we lease a segment
-        _networks = Networks()
-        atexit.register(_networks.close)
-    return _networks

@@ -19,10 +19,10 @@ def test_stacked_markers_keep_the_outer_limit(jailed_pytester: pytest.Pytester) 
     """A class's jail(memory="64M") and a method's jail(hostname=...): both hold (before: the
     method's marker replaced the class's, and 200 MB were allocated in a test that passed)."""
     from pytest_jail._cgroups.manager import Unavailable
-    from pytest_jail._cgroups.manager import manager
+    from pytest_jail._host import host
 
     try:
-        manager()
+        host().cgroups()
     except Unavailable as exc:
         pytest.skip(f"no cgroups for jails here: {exc.reason}")
     jailed_pytester.makepyfile(

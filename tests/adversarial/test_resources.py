@@ -17,10 +17,10 @@ pytestmark = needs_jail
 
 def _limits() -> None:
     from pytest_jail._cgroups.manager import Unavailable
-    from pytest_jail._cgroups.manager import manager
+    from pytest_jail._host import host
 
     try:
-        manager()
+        host().cgroups()
     except Unavailable as exc:
         pytest.skip(f"no cgroups for jails here: {exc.reason}")
 
