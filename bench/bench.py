@@ -55,9 +55,12 @@ VARIANTS = (
     Variant("plain", PYTEST8, ()),
     Variant("forked", PYTEST8, ("-p", "pytest_forked", "--forked"), ("plain",)),
     Variant("jail-all", PYTEST8, ("--jail-all",), ("plain", "forked")),
+    Variant("4 forks", PYTEST8, ("-p", "bench_forks", "-p", "pytest_forked", "--forked"), ("plain", "forked")),
     Variant("plain -n 2", PYTEST8, ("-n", "2")),
     Variant("forked -n 2", PYTEST8, ("-n", "2", "-p", "pytest_forked", "--forked"), ("plain -n 2",)),
     Variant("jail-all -n 2", PYTEST8, ("-n", "2", "--jail-all"), ("plain -n 2", "forked -n 2")),
+    Variant("4 forks -n 2", PYTEST8, ("-n", "2", "-p", "bench_forks", "-p", "pytest_forked", "--forked"),
+            ("plain -n 2", "forked -n 2")),
     Variant("plain (pytest 9)", PYTEST9, ()),
     Variant("jail-all (pytest 9)", PYTEST9, ("--jail-all",), ("plain (pytest 9)",)),
 )
@@ -123,8 +126,28 @@ def versions(env: Env) -> dict[str, str]:
 # -- pytest overhead --------------------------------------------------------------------------------
 
 
+#: The floor of a jailed test's design, without any jail work: pytest-forked's fork, in which the
+#: test runs, and three more forks of pytest that end at once. A jailed test forks pytest's
+#: interpreter four times: helper and init (the jail prepared ahead), the fork that enters, the body.
+FORKS_PLUGIN = """\
+import os
+
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item):
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+"""
+
+
 def write_tests(directory: Path, count: int) -> None:
     (directory / "pytest.ini").write_text("")
+    (directory / "bench_forks.py").write_text(FORKS_PLUGIN)
     body = "".join(f"def test_{i}():\n    assert 1\n\n\n" for i in range(count))
     (directory / "test_generated.py").write_text(body)
     # In root mode the jail's root is an unprivileged host uid: it must be able to enter the rootdir.
@@ -209,12 +232,34 @@ def latency_worker(iterations: int, warmup: int) -> None:
     def sub() -> int:
         return subprocess.run(["true"], check=False).returncode
 
+    true = shutil.which("true") or "/bin/true"
+
+    def forks() -> int:
+        """A jail's process chain without any jail work, the floor of its design: this
+        interpreter forked twice (helper, init), and ``true`` spawned from the second."""
+        import gc
+
+        gc.freeze()  # as the engine does around its forks
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                inner = os.fork()
+                if inner == 0:
+                    code = os.waitstatus_to_exitcode(os.waitpid(os.posix_spawn(true, ["true"], os.environ), 0)[1])
+                else:
+                    code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+            finally:
+                os._exit(code)
+        gc.unfreeze()
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
     def bwrap() -> int:
         return subprocess.run(BWRAP_ARGV, check=False, capture_output=True).returncode
 
     methods: dict[str, Callable[[], int]] = {
         "subprocess": sub, "jail": jail, "jail-unconfined": jail_unconfined, "jail-limits": jail_limits,
-        "jail-rootfs": jail_rootfs,
+        "jail-rootfs": jail_rootfs, "forks": forks,
     }
     if shutil.which("bwrap"):
         methods["bwrap"] = bwrap
@@ -245,7 +290,7 @@ def latency_worker(iterations: int, warmup: int) -> None:
             if i >= warmup:
                 samples["jail-bridge"].append(elapsed)
     cost: dict[str, list[float]] = {}
-    for name, method in (("bwrap", bwrap), ("jail", jail)):
+    for name, method in (("bwrap", bwrap), ("jail", jail), ("forks", forks)):
         if name in methods:
             cost[name] = resources_per_run(method, max(20, iterations // 3))
     print(json.dumps({"samples": samples, "cost": cost}))
@@ -360,10 +405,13 @@ def print_pytest_table(times: dict[str, list[float]], count: int, pytests: dict[
     print("Overhead cells: median over rounds of (T_variant − T_baseline)/N, same round; "
           "(min … max) over rounds.")
     print()
-    for jailed, forked, plain in (("jail-all", "forked", "plain"), ("jail-all -n 2", "forked -n 2", "plain -n 2")):
-        ours = statistics.median(overhead_ms(times, jailed, plain, count))
-        theirs = statistics.median(overhead_ms(times, forked, plain, count))
-        print(f"Per-test overhead of `{jailed}` / `{forked}`: {ours / theirs:.2f}x (medians over rounds).")
+    for suffix in ("", " -n 2"):
+        jailed, forked, plain, floor = (f"{name}{suffix}" for name in ("jail-all", "forked", "plain", "4 forks"))
+        ours, theirs, forks = (statistics.median(overhead_ms(times, name, plain, count))
+                               for name in (jailed, forked, floor))
+        print(f"Per-test overhead of `{jailed}` / `{forked}`: {ours / theirs:.2f}x; of four bare forks of pytest "
+              f"(`{floor}`, the floor of a jailed test's design) / `{forked}`: {forks / theirs:.2f}x (medians over "
+              "rounds).")
     print()
 
 
@@ -376,13 +424,14 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         "jail-limits": '`Jail(JailSpec(memory="256M", cpus=1, pids=64)).run(["true"])`',
         "jail-rootfs": '`Jail(JailSpec(rootfs="busybox")).run(["true"])` (overlay layer)',
         "jail-bridge": '`Jail(JailSpec(net="bridge")).run(["true"])` (veth pair on a bridge)',
+        "forks": "two forks of this interpreter, `true` spawned from the second (no jail work: the floor)",
     }
     print("## Latency of one command (in-process, time.perf_counter)")
     print()
     print("| method | median (ms) | p10–p90 (ms) | vs subprocess, median (ms) |")
     print("|---|---:|---:|---:|")
     base = samples["subprocess"]
-    for name in ("subprocess", "bwrap", "jail", "jail-unconfined", "jail-limits", "jail-rootfs", "jail-bridge"):
+    for name in ("subprocess", "bwrap", "jail", "jail-unconfined", "jail-limits", "jail-rootfs", "jail-bridge", "forks"):
         if name not in samples:
             continue
         median, p10, p90 = spread(samples[name])
@@ -399,7 +448,9 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
     if "bwrap" in samples:
         ratio = statistics.median(samples["jail"]) / statistics.median(samples["bwrap"])
         print()
-        print(f"`Jail().run([\"true\"])` takes {ratio:.2f}x bubblewrap's time (medians, same run).")
+        floor = statistics.median(samples["forks"]) / statistics.median(samples["bwrap"])
+        print(f"`Jail().run([\"true\"])` takes {ratio:.2f}x bubblewrap's time; its process chain alone, without "
+              f"any jail work (the floor of its design), {floor:.2f}x (medians, same run).")
     if "cost:jail" in samples and "cost:bwrap" in samples:
         (jail_cpu, jail_faults), (bwrap_cpu, bwrap_faults) = samples["cost:jail"], samples["cost:bwrap"]
         print()
@@ -407,6 +458,9 @@ def print_latency_table(samples: dict[str, list[float]]) -> None:
         print("|---|---:|---:|")
         print(f"| bwrap | {bwrap_cpu:.2f} | {bwrap_faults:.0f} |")
         print(f"| `Jail().run([\"true\"])` | {jail_cpu:.2f} | {jail_faults:.0f} |")
+        if "cost:forks" in samples:
+            forks_cpu, forks_faults = samples["cost:forks"]
+            print(f"| two forks of this interpreter (the floor) | {forks_cpu:.2f} | {forks_faults:.0f} |")
         print()
         print("CPU and faults of the whole process tree (getrusage of this process and of every process it "
               "waited for), per run.")

@@ -218,7 +218,8 @@ def test_what_the_host_looked_like_is_not_cached_past_a_change(
 def test_each_test_body_gets_a_jail_nobody_used(jailed_pytester: pytest.Pytester) -> None:
     """The next test's jail is prepared while a test runs: each body still gets its own, new
     jail (its namespaces, an empty private /tmp, its tmp_path writable and nobody else's), and
-    holds no handle on the jail being prepared (no pidfd, no socket but its own wire)."""
+    holds no handle on the jail being prepared (no pidfd, no socket of a jail) and sees
+    no process but its init (not the next jail's, not pytest's)."""
     jailed_pytester.makepyfile(
         """
         import os
@@ -233,6 +234,8 @@ def test_each_test_body_gets_a_jail_nobody_used(jailed_pytester: pytest.Pytester
             fds = os.listdir("/proc/self/fd")  # (one of them is listdir's own, closed by now)
             links = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.lexists(f"/proc/self/fd/{fd}")]
             assert not [link for link in links if "pidfd" in link], links
+            print("SOCKETS", sorted(link for link in links if link.startswith("socket:")))
+            assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()]  # no other jail's
             names = " ".join(os.readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "mnt", "net", "user"))
             print("NS", names)
         """
@@ -243,6 +246,10 @@ def test_each_test_body_gets_a_jail_nobody_used(jailed_pytester: pytest.Pytester
     # A jail and the next (prepared while it ran) exist together: never the same namespaces.
     # (Namespace numbers of jails that are gone may be given again by the kernel.)
     assert len(seen) == 4 and all(a != b for a, b in zip(seen, seen[1:], strict=False)), seen
+    # A body has pytest's own sockets (it is a fork of pytest: an event loop's self-pipe), the
+    # same in every body; a socket of a jail (its wire) would differ from one body to the next.
+    sockets = {line[line.index("SOCKETS "):] for line in result.stdout.lines if "SOCKETS " in line}
+    assert len(sockets) == 1, sockets
 
 
 def test_what_a_command_left_running_is_dead_when_run_returns(tmp_path: os.PathLike[str]) -> None:
