@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 from conftest import needs_jail
@@ -237,3 +238,27 @@ def test_io_limit_names_what_it_needs() -> None:
         pytest.skip("/ is on a disk here; the refusal shows only where every writable path is in memory")
     with pytest.raises(Exception, match="cannot enforce io: the jail writes to no block device"):
         Jail(JailSpec(io={"write": "1M"})).run(["true"])
+
+
+def test_a_group_is_killed_whole_where_the_kernel_has_no_cgroup_kill() -> None:
+    """Before Linux 5.14 (no ``cgroup.kill``) a v2 group is frozen, each member killed, thawed,
+    until empty; a timeout then sets ``timed_out`` like anywhere else. Runs on a kernel without
+    cgroup.kill: the 5.10 guest (``scripts/kernel-guest --kernel 5.10``)."""
+    cgroups = host().cgroups()
+    if cgroups.v2_parent is None:
+        pytest.skip("a cgroup v2 fallback: this host's jails use v1 groups (they are frozen and killed anyway)")
+    if os.path.exists(os.path.join(cgroups.v2_parent, "cgroup.kill")):
+        pytest.skip("this kernel has cgroup.kill (5.14+); the fallback runs on 5.10 (scripts/kernel-guest --kernel 5.10)")
+    service = Jail().spawn(["sh", "-c", "sleep 300 & sleep 300 & sleep 300 & wait"])
+    group = service._command.run.group
+    assert group is not None
+    procs = os.path.join(group.path, "cgroup.procs")  # type: ignore[attr-defined]
+    for _ in range(500):
+        if len(open(procs).read().split()) >= 5:  # helper, init, sh, three sleeps
+            break
+        time.sleep(0.01)
+    group.kill()
+    assert open(procs).read().split() == []
+    assert service.wait(timeout=30).returncode == -9
+    timed = Jail(JailSpec(timeout=1)).run(["sh", "-c", "sleep 300 & sleep 300 & wait"])
+    assert timed.timed_out and timed.returncode == -9

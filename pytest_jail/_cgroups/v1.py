@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 from .base import CPU_PERIOD_US
 from .base import Limits
 from .base import Usage
 from .base import keyed
+from .base import kill_members
 from .base import read
 from .base import rmdir_when_empty
 from .base import write
@@ -62,20 +61,12 @@ class V1Group:
         """Freeze, SIGKILL every member, thaw; repeat until empty (runc's v1 fallback)."""
         freezer = self.dirs.get("freezer")
         procs = os.path.join(self.dirs.get("pids") or next(iter(self.dirs.values())), "cgroup.procs")
-        for _ in range(100):
-            if freezer:
-                write(os.path.join(freezer, "freezer.state"), "FROZEN")
-            members = [int(p) for p in read(procs).split()]
-            for pid in members:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if freezer:
-                write(os.path.join(freezer, "freezer.state"), "THAWED")
-            if not members:
-                return
-            time.sleep(0.002)
+
+        def freeze(frozen: bool) -> None:
+            assert freezer is not None
+            write(os.path.join(freezer, "freezer.state"), "FROZEN" if frozen else "THAWED")
+
+        kill_members(procs, freeze if freezer else None)
 
     def remove(self) -> None:
         for path in self.dirs.values():

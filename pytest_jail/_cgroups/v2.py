@@ -8,6 +8,7 @@ from .base import CPU_PERIOD_US
 from .base import Limits
 from .base import Usage
 from .base import keyed
+from .base import kill_members
 from .base import read
 from .base import rmdir_when_empty
 from .base import write
@@ -48,9 +49,17 @@ class V2Group:
         return Usage(peak, None if usec is None else usec / 1e6, oom, denied)
 
     def kill(self) -> None:
-        """``cgroup.kill`` (Linux 5.14): atomic, and forks racing with it are killed too."""
-        if keyed(os.path.join(self.path, "cgroup.events")).get("populated", 0):
-            write(os.path.join(self.path, "cgroup.kill"), "1")
+        """``cgroup.kill`` (Linux 5.14): atomic, and forks racing with it are killed too; before
+        5.14, freeze the group (``cgroup.freeze``, 5.2), SIGKILL each member, thaw, until empty."""
+        if not keyed(os.path.join(self.path, "cgroup.events")).get("populated", 0):
+            return
+        kill = os.path.join(self.path, "cgroup.kill")
+        if os.path.exists(kill):
+            write(kill, "1")
+            return
+        freeze = os.path.join(self.path, "cgroup.freeze")
+        kill_members(os.path.join(self.path, "cgroup.procs"),
+                     (lambda frozen: write(freeze, "1" if frozen else "0")) if os.path.exists(freeze) else None)
 
     def remove(self) -> None:
         rmdir_when_empty(self.path)
