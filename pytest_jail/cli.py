@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._doctor import examine
+from ._doctor import render
 from ._errors import JailConfigError
 from ._errors import JailError
-from ._probe import probe_host
 from .rootfs import busybox
 from .rootfs import cache_dir
 from .rootfs import debootstrap
@@ -25,11 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rootfs" and args.kind is None:
         args.rootfs_parser.error("say which kind: busybox, debootstrap or import")
     if args.command == "doctor":
-        support = probe_host()
-        print(support.summary())
-        if not support.ok:
-            print(f"remedy: {support.remedy}")
-        return 0 if support.ok else 1
+        report, status = render(examine(rootfs=args.rootfs, limits=args.limits, bridge=args.bridge))
+        print(report)
+        return status
     if args.command == "rootfs" and args.kind:
         try:
             return _rootfs(args)
@@ -48,7 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Run pytest test bodies and commands in freshly cloned Linux jails.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("doctor", help="say what this host supports, with the remedy for each 'no'")
+    doctor = sub.add_parser(
+        "doctor", help="say what this host supports, with the remedy for each 'no'",
+        description="Try each capability jails need (in a throwaway child's own namespaces: nothing on the "
+        "host changes), one line each, with the remedy for each 'no'. Exit status 0 if the jails asked for "
+        "can run here (a jail in the host view, and what the options add), else 1.",
+    )
+    doctor.add_argument("--rootfs", action="store_true", help="the suite uses rootfs jails (rootfs=DIR or a name)")
+    doctor.add_argument("--limits", action="store_true", help="the suite sets memory, cpus, pids or io limits")
+    doctor.add_argument("--bridge", action="store_true", help="the suite uses net='bridge'")
     rootfs = sub.add_parser(
         "rootfs", help="build a root filesystem for jails (busybox, debootstrap, image import)",
         description="Build a tree to use as rootfs=DIR. Each builder is idempotent: building the same "

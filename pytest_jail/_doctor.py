@@ -1,0 +1,233 @@
+"""``pytest-jail doctor``: what this host and kernel can do for jails, one line per capability,
+each found by trying it (in a throwaway child's own namespaces: nothing on the host changes), each
+"no" with its remedy, and a verdict on what the configuration asked for needs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from posix import _exit  # the real one: coverage's patch=_exit would save from our children
+
+from ._cgroups.manager import Unavailable
+from ._cgroups.manager import limits_summary
+from ._errors import JailUnavailableError
+from ._linux.syscalls import Syscalls
+from ._probe import probe_host
+from ._view import ROOT_MAP_BASE
+from ._view import idmap_works
+from ._view import uses_root_map
+
+__all__ = ["Finding", "examine", "render"]
+
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+MOUNT_ATTR_RDONLY = 0x1
+_CONTAINER_FLAGS = ("run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
+                    "(Docker's default profile refuses unshare and mount), or run the tests on the host")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One capability: ``ok`` True/False, or None for a fact (no verdict); ``needed``: the
+    configuration asked for it, so a "no" means those jails cannot run."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    remedy: str = ""
+    needed: bool = False
+
+
+def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False) -> list[Finding]:
+    """Every capability, tried; ``rootfs``, ``limits``, ``bridge``: what the configuration needs
+    besides a host-view jail (user, mount, pid, network namespaces)."""
+    root = uses_root_map()
+    found = [Finding("kernel", None, f"Linux {platform.release()} {platform.machine()}, "
+                     + (f"root mode (the jail's root is host uid {ROOT_MAP_BASE})" if root
+                        else f"rootless (jails run as uid {os.geteuid()})"))]
+    tried = _try_in_namespaces()
+    found.append(_userns(tried))
+    if "userns" in tried and tried["userns"] != "ok":
+        return found + [Finding("everything else", None, "not tried: no jail can be made here")]
+    found.append(_finding("read-only host view", tried.get("mount_setattr"), True,
+                          "mount_setattr works (Linux 5.12)",
+                          "this kernel has no mount_setattr (Linux 5.12): upgrade the kernel to 5.12 or newer"))
+    found.append(_finding("rootfs jails", tried.get("overlay"), rootfs, "overlayfs mounts in a user namespace",
+                          "this kernel refuses overlayfs in a user namespace (before Linux 5.11) or lacks it: "
+                          "upgrade to 5.11 or newer, or modprobe overlay"))
+    found.append(_finding("tmpfs user xattrs", tried.get("xattr"), False,
+                          "a rootfs's writable layer keeps overlay's bookkeeping in tmpfs (Linux 6.6)",
+                          "this kernel's tmpfs has no user.* xattrs (before Linux 6.6): replacing a directory of "
+                          "a rootfs fails there (EIO); upgrade to 6.6, or keep the layer on disk (--jail-keep-failed)"))
+    if root:
+        works = idmap_works(os.getcwd())
+        found.append(Finding("id-mapped mounts", works, "this directory's filesystem can be shown id-mapped" if works
+                             else "this directory's filesystem cannot be id-mapped: files the host's root owns are "
+                             "read-only to the jail's root", "" if works else "use ext4, xfs or btrfs (Linux 5.12+)"))
+    found.append(_limits(limits))
+    found.append(_pidfd())
+    found.append(_bridges(root, bridge))
+    found.append(_rootfs_builders(root))
+    return found
+
+
+def render(findings: list[Finding]) -> tuple[str, int]:
+    """The report, and the exit status: 1 if something needed says no, else 0."""
+    lines, failed = [], []
+    for item in findings:
+        mark = {True: "ok", False: "NO", None: "--"}[item.ok]
+        lines.append(f"{mark:<3} {item.name}: {item.detail}")
+        if item.ok is False and item.remedy:
+            lines.append(f"    fix: {item.remedy}")
+        if item.ok is False and (item.needed or item.name == "user namespaces"):
+            failed.append(item.name)
+    if failed:
+        lines.append(f"verdict: the jails asked for cannot run here ({', '.join(failed)})")
+    else:
+        lines.append("verdict: the jails asked for can run here")
+    return "\n".join(lines), 1 if failed else 0
+
+
+def _finding(name: str, outcome: str | None, needed: bool, yes: str, no: str) -> Finding:
+    if outcome == "ok":
+        return Finding(name, True, yes, needed=needed)
+    return Finding(name, False, f"{no.split(':')[0]} ({outcome or 'not tried'})", no.partition(": ")[2] or no,
+                   needed=needed)
+
+
+def _userns(tried: dict[str, str]) -> Finding:
+    outcome = tried.get("userns", "not tried")
+    if outcome == "ok":
+        return Finding("user namespaces", True, "unshare and an id map work", needed=True)
+    support = probe_host()
+    if not support.ok:
+        return Finding("user namespaces", False, f"{support.reason} ({outcome})", support.remedy, needed=True)
+    if _filtered():
+        return Finding("user namespaces", False, f"a system call filter on this process refuses them ({outcome}): "
+                       "a container's seccomp profile", _CONTAINER_FLAGS, needed=True)
+    return Finding("user namespaces", False, f"the kernel refuses them ({outcome})", _CONTAINER_FLAGS, needed=True)
+
+
+def _limits(needed: bool) -> Finding:
+    try:
+        summary = limits_summary()
+    except Unavailable as exc:
+        return Finding("limits", False, exc.reason, exc.remedy, needed=needed)
+    return Finding("limits", True, summary, needed=needed)
+
+
+def _pidfd() -> Finding:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        return Finding("pidfd", False, f"pidfd_open fails ({exc.strerror}): jails are supervised through pidfds",
+                       "upgrade the kernel to 5.3 or newer", needed=True)
+    return Finding("pidfd", True, "pidfd_open works")
+
+
+def _bridges(root: bool, needed: bool) -> Finding:
+    if not root:
+        return Finding("bridges", False, "net='bridge' needs pytest to run as root (veth pairs on the host)",
+                       "run pytest as root for bridged jails; net='none' and 'host' work rootless", needed=needed)
+    nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
+    if nft is None:
+        return Finding("bridges", False, "nft is missing (a bridged jail's way out is an nftables table)",
+                       "apt-get install nftables", needed=needed)
+    return Finding("bridges", True, f"root, and {nft}", needed=needed)
+
+
+def _rootfs_builders(root: bool) -> Finding:
+    from .rootfs.busybox import find_busybox
+
+    try:
+        busybox = find_busybox()
+    except JailUnavailableError as exc:
+        return Finding("rootfs builders", False, exc.reason, exc.remedy)
+    debootstrap = shutil.which("debootstrap") or (os.path.exists("/usr/sbin/debootstrap") and "/usr/sbin/debootstrap")
+    extra = f"; debootstrap: {debootstrap}" if debootstrap and root else (
+        "; debootstrap needs root" if debootstrap else "; no debootstrap (apt-get install debootstrap)")
+    return Finding("rootfs builders", True, f"static busybox: {busybox}{extra}")
+
+
+def _filtered() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            return any(line.split() == ["Seccomp:", "2"] for line in f)
+    except OSError:
+        return False
+
+
+def _try_in_namespaces() -> dict[str, str]:
+    """Fork a child that makes a user and a mount namespace, as a jail's helper does, and tries
+    there what jails need; what it found comes back as JSON (errno names for a "no")."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, json.dumps(_child_tries()).encode())
+        finally:
+            _exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    try:
+        found: dict[str, str] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        found = {}
+    return found
+
+
+def _child_tries() -> dict[str, str]:
+    results: dict[str, str] = {}
+    syscalls = Syscalls()
+    uid, gid = os.geteuid(), os.getegid()
+
+    def attempt(name: str, action: object) -> bool:
+        try:
+            action()  # type: ignore[operator]
+        except OSError as exc:
+            results[name] = errno.errorcode.get(exc.errno or 0, str(exc))
+            return False
+        results[name] = "ok"
+        return True
+
+    def enter() -> None:
+        syscalls.unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+        syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+        syscalls.mount("tmpfs", "/tmp", "tmpfs")
+
+    if not attempt("userns", enter):
+        return results
+    for name in ("lower", "upper", "work", "merged"):
+        os.mkdir(f"/tmp/{name}")
+    os.mkdir("/tmp/lower/dir")
+
+    def xattr() -> None:
+        os.setxattr("/tmp/upper", "user.pytest-jail", b"1")
+
+    attempt("xattr", xattr)
+
+    def overlay() -> None:
+        syscalls.mount("overlay", "/tmp/merged", "overlay", 0,
+                       "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
+
+    attempt("overlay", overlay)
+    attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True))
+    return results

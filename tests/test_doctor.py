@@ -1,0 +1,98 @@
+"""``pytest-jail doctor`` against what jails actually do: each restriction is made real (a system
+call filter on the process, a namespace limit of zero, a user without delegated cgroups) and the
+doctor's verdict is compared with a real jail's outcome under it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import needs_jail
+
+from pytest_jail import Jail
+from pytest_jail import JailSpec
+from pytest_jail import JailUnavailableError
+
+pytestmark = needs_jail
+
+#: Runs the doctor, then a jail of each kind, in one process; prints both.
+PROBE = textwrap.dedent("""
+    import sys
+    from pytest_jail._doctor import examine, render
+    from pytest_jail import Jail, JailSpec, JailError
+    report, status = render(examine(rootfs=True, limits=True))
+    print(report)
+    print("STATUS", status)
+    for name, spec in (("host view", JailSpec()), ("limits", JailSpec(memory=64 << 20))):
+        try:
+            Jail(spec).run(["true"], check=True)
+            print("JAIL", name, "ok")
+        except JailError as exc:
+            print("JAIL", name, "fails:", exc)
+""")
+
+
+def _doctor(prefix: list[str] | None = None, setup: str = "") -> tuple[dict[str, str], dict[str, str], str]:
+    """The doctor's line per capability and each jail's outcome, from a fresh process."""
+    argv = [*(prefix or []), sys.executable, "-c", setup + PROBE]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    lines = {line[4:].split(":", 1)[0]: line[:3].strip() for line in out.splitlines() if line[:3].strip() in
+             ("ok", "NO", "--")}
+    jails = {line.split(" ", 1)[1].rsplit(" ", 1)[0] if line.endswith(" ok") else line.split(" fails:")[0][5:]:
+             "ok" if line.endswith(" ok") else "fails" for line in out.splitlines() if line.startswith("JAIL ")}
+    return lines, jails, out
+
+
+def test_the_doctor_agrees_with_jails_on_this_host() -> None:
+    lines, jails, out = _doctor()
+    assert lines["user namespaces"] == "ok" and jails["host view"] == "ok", out
+    assert (lines["limits"] == "ok") == (jails["limits"] == "ok"), out
+    assert ("STATUS 0" in out) == (lines["limits"] == "ok"), out  # --limits asked: a "no" is exit status 1
+
+
+def test_a_system_call_filter_is_named_with_the_container_flags() -> None:
+    """As under Docker's default profile: unshare and mount refused by a seccomp filter on the
+    process itself. The doctor says so with the flags that lift it; a jail fails with them too."""
+    setup = textwrap.dedent("""
+        import ctypes
+        from pytest_jail._linux import seccomp
+        from pytest_jail._linux.syscalls import Syscalls
+        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as a container runtime sets it
+        Syscalls().install_filter(seccomp.program(seccomp.Policy(), notify=False), listener=False)
+    """)
+    lines, jails, out = _doctor(setup=setup)
+    assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
+    assert "a system call filter on this process refuses them" in out, out
+    assert "--security-opt seccomp=unconfined" in out and "STATUS 1" in out, out
+
+
+def test_a_namespace_limit_of_zero_is_named_with_its_sysctl() -> None:
+    """user.max_user_namespaces = 0, made real in a user namespace of the test's own (the limit
+    is per namespace): the doctor names the sysctl; a jail fails too."""
+    prefix = ["unshare", "--user", "--map-root-user", "sh", "-c",
+              'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]
+    lines, jails, out = _doctor(prefix)
+    assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
+    assert "user.max_user_namespaces = 0" in out and "sysctl -w user.max_user_namespaces=" in out, out
+
+
+def test_what_the_doctor_says_of_limits_is_what_a_limited_jail_does() -> None:
+    """Whoever runs it (root here, or the unprivileged user without delegated cgroups in the
+    rootless run): "limits: ok" exactly when a jail with a memory limit runs."""
+    lines, _, out = _doctor()
+    try:
+        Jail(JailSpec(memory=64 << 20)).run(["true"], check=True)
+        worked = True
+    except JailUnavailableError:
+        worked = False
+    assert (lines["limits"] == "ok") == worked, out
+
+
+@pytest.mark.parametrize("flag", ["--rootfs", "--limits", "--bridge"])
+def test_the_exit_status_follows_what_is_asked(flag: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pytest_jail.cli", "doctor", flag], capture_output=True, text=True)
+    name = {"--rootfs": "rootfs jails", "--limits": "limits", "--bridge": "bridges"}[flag]
+    line = next(line for line in done.stdout.splitlines() if line[4:].startswith(name + ":"))
+    assert done.returncode == (1 if line.startswith("NO") else 0), done.stdout
