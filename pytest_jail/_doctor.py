@@ -4,31 +4,22 @@ each found by trying it (in a throwaway child's own namespaces: nothing on the h
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import platform
 import shutil
 from dataclasses import dataclass
-from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 
 from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailUnavailableError
-from ._linux.syscalls import Syscalls
+from ._probe import CONTAINER_REMEDY
 from ._probe import probe_host
+from ._probe import try_in_namespaces
 from ._view import ROOT_MAP_BASE
 from ._view import idmap_works
 from ._view import uses_root_map
 
 __all__ = ["Finding", "examine", "render"]
-
-CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-MOUNT_ATTR_RDONLY = 0x1
-_CONTAINER_FLAGS = ("run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
-                    "(Docker's default profile refuses unshare and mount), or run the tests on the host")
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -49,7 +40,7 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
     found = [Finding("kernel", None, f"Linux {platform.release()} {platform.machine()}, "
                      + (f"root mode (the jail's root is host uid {ROOT_MAP_BASE})" if root
                         else f"rootless (jails run as uid {os.geteuid()})"))]
-    tried = _try_in_namespaces()
+    tried = try_in_namespaces()
     found.append(_userns(tried))
     if "userns" in tried and tried["userns"] != "ok":
         return found + [Finding("everything else", None, "not tried: no jail can be made here")]
@@ -103,13 +94,13 @@ def _userns(tried: dict[str, str]) -> Finding:
     outcome = tried.get("userns", "not tried")
     if outcome == "ok":
         return Finding("user namespaces", True, "unshare and an id map work", needed=True)
+    if _filtered():
+        return Finding("user namespaces", False, f"a system call filter on this process refuses them ({outcome}): "
+                       "a container's seccomp profile", CONTAINER_REMEDY, needed=True)
     support = probe_host()
     if not support.ok:
         return Finding("user namespaces", False, f"{support.reason} ({outcome})", support.remedy, needed=True)
-    if _filtered():
-        return Finding("user namespaces", False, f"a system call filter on this process refuses them ({outcome}): "
-                       "a container's seccomp profile", _CONTAINER_FLAGS, needed=True)
-    return Finding("user namespaces", False, f"the kernel refuses them ({outcome})", _CONTAINER_FLAGS, needed=True)
+    return Finding("user namespaces", False, f"the kernel refuses them ({outcome})", CONTAINER_REMEDY, needed=True)
 
 
 def _limits(needed: bool) -> Finding:
@@ -159,75 +150,3 @@ def _filtered() -> bool:
             return any(line.split() == ["Seccomp:", "2"] for line in f)
     except OSError:
         return False
-
-
-def _try_in_namespaces() -> dict[str, str]:
-    """Fork a child that makes a user and a mount namespace, as a jail's helper does, and tries
-    there what jails need; what it found comes back as JSON (errno names for a "no")."""
-    read, write = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read)
-            os.write(write, json.dumps(_child_tries()).encode())
-        finally:
-            _exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    try:
-        found: dict[str, str] = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        found = {}
-    return found
-
-
-def _child_tries() -> dict[str, str]:
-    results: dict[str, str] = {}
-    syscalls = Syscalls()
-    uid, gid = os.geteuid(), os.getegid()
-
-    def attempt(name: str, action: object) -> bool:
-        try:
-            action()  # type: ignore[operator]
-        except OSError as exc:
-            results[name] = errno.errorcode.get(exc.errno or 0, str(exc))
-            return False
-        results[name] = "ok"
-        return True
-
-    def enter() -> None:
-        syscalls.unshare(CLONE_NEWUSER | CLONE_NEWNS)
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1")
-        syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
-        syscalls.mount("tmpfs", "/tmp", "tmpfs")
-
-    if not attempt("userns", enter):
-        return results
-    for name in ("lower", "upper", "work", "merged"):
-        os.mkdir(f"/tmp/{name}")
-    os.mkdir("/tmp/lower/dir")
-
-    def xattr() -> None:
-        os.setxattr("/tmp/upper", "user.pytest-jail", b"1")
-
-    attempt("xattr", xattr)
-
-    def overlay() -> None:
-        syscalls.mount("overlay", "/tmp/merged", "overlay", 0,
-                       "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
-
-    attempt("overlay", overlay)
-    attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True))
-    return results

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass
+from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 
 from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
+from ._host import host
 from ._host import made_host
+from ._linux.syscalls import Syscalls
 from ._view import ROOT_MAP_BASE
 from ._view import uses_root_map
 
@@ -74,7 +78,26 @@ def probe_host() -> HostSupport:
                                "AppArmor restricts unprivileged user namespaces "
                                "(kernel.apparmor_restrict_unprivileged_userns = 1)",
                                "run: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
+    if not _syscalls().available("mount_setattr"):
+        if _filtered():  # (a container's profile may answer ENOSYS for calls newer than itself)
+            return HostSupport(False, mode, "a system call filter on this process (a container's seccomp profile) "
+                               "refuses mount_setattr, which the read-only host view needs", CONTAINER_REMEDY)
+        return HostSupport(False, mode, f"this kernel (Linux {os.uname().release}) has no mount_setattr, which the "
+                           "read-only host view needs (Linux 5.12)", KERNEL_REMEDY)
     return HostSupport(True, mode)
+
+
+#: What a container's "no" says to do.
+CONTAINER_REMEDY = ("run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
+                    "(Docker's default profile refuses unshare and mount), or run the tests on the host")
+#: What an old kernel's "no" says to do.
+KERNEL_REMEDY = ("run on Linux 5.12 or newer (Debian 12, Ubuntu 22.04, RHEL 9, Amazon Linux 2023 and their "
+                 "successors; see README, Supported kernels)")
+
+
+def _syscalls() -> Syscalls:
+    syscalls: Syscalls = host().fact(Syscalls, Syscalls)
+    return syscalls
 
 
 def _in_initial_user_namespace() -> bool:
@@ -88,6 +111,15 @@ def _filtered() -> bool:
 
 def explain(error: JailSetupError) -> JailUnavailableError | None:
     """Turn a setup failure that the host's policy caused into reason + remedy (else ``None``)."""
+    if error.errno == errno.ENOSYS:
+        return JailUnavailableError(
+            f"this kernel (Linux {os.uname().release}) lacks a system call jails need ({error.step}: {error.detail})",
+            KERNEL_REMEDY)
+    refused_overlay = error.step == "mount" and error.errno == errno.EPERM and "overlay" in error.detail
+    if refused_overlay and try_in_namespaces().get("overlay") not in (None, "ok"):
+        return JailUnavailableError(
+            f"this kernel (Linux {os.uname().release}) refuses overlayfs in a user namespace, which a rootfs's "
+            "writable layer needs (Linux 5.11)", KERNEL_REMEDY + "; jails in the host view (rootfs=None) work here")
     if error.step == "mount" and error.errno == errno.ENODEV and "overlay" in error.detail:
         return JailUnavailableError(
             "this kernel has no overlayfs, which a rootfs's writable layer needs (mount overlay: ENODEV)",
@@ -120,3 +152,86 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
             "run the container with --security-opt systempaths=unconfined (podman: --security-opt unmask=ALL)",
         )
     return None
+
+
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+MOUNT_ATTR_RDONLY = 0x1
+
+
+def try_in_namespaces() -> dict[str, str]:
+    """What a jail's helper can do here, tried once per process (see :func:`_try_in_namespaces`)."""
+    found: dict[str, str] = host().fact("tried in namespaces", _try_in_namespaces)
+    return found
+
+
+def _try_in_namespaces() -> dict[str, str]:
+    """Fork a child that makes a user and a mount namespace, as a jail's helper does, and tries
+    there what jails need; what it found comes back as JSON (errno names for a "no")."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, json.dumps(_child_tries()).encode())
+        finally:
+            _exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    try:
+        found: dict[str, str] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        found = {}
+    return found
+
+
+def _child_tries() -> dict[str, str]:
+    results: dict[str, str] = {}
+    syscalls = Syscalls()
+    uid, gid = os.geteuid(), os.getegid()
+
+    def attempt(name: str, action: object) -> bool:
+        try:
+            action()  # type: ignore[operator]
+        except OSError as exc:
+            results[name] = errno.errorcode.get(exc.errno or 0, str(exc))
+            return False
+        results[name] = "ok"
+        return True
+
+    def enter() -> None:
+        syscalls.unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+        syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+        syscalls.mount("tmpfs", "/tmp", "tmpfs")
+
+    if not attempt("userns", enter):
+        return results
+    for name in ("lower", "upper", "work", "merged"):
+        os.mkdir(f"/tmp/{name}")
+    os.mkdir("/tmp/lower/dir")
+
+    def xattr() -> None:
+        os.setxattr("/tmp/upper", "user.pytest-jail", b"1")
+
+    attempt("xattr", xattr)
+
+    def overlay() -> None:
+        syscalls.mount("overlay", "/tmp/merged", "overlay", 0,
+                       "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
+
+    attempt("overlay", overlay)
+    attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True))
+    return results

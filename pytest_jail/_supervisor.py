@@ -359,9 +359,7 @@ class Supervisor:
         for message in self.messages:
             if message["kind"] == "error":
                 error = JailSetupError(message["step"], message.get("errno"), message["detail"], message.get("path"))
-                if error.step == "unshare":  # a host's (or an outer jail's) refusal has a remedy
-                    raise explain(error) or error
-                raise error
+                raise explain(error) or error  # a host's (or an outer jail's) refusal has a remedy
 
     def cpu_time(self) -> float | None:
         if self.usage is not None and self.usage.cpu_time is not None:

@@ -8,6 +8,7 @@ tests can inject a recording fake and check the order of the calls (youki's
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import platform
@@ -163,6 +164,13 @@ class Syscalls:
             err = ctypes.get_errno()
             named = [p for p in paths if p]
             raise OSError(err, os.strerror(err), *named[:1])
+
+    def available(self, name: str) -> bool:
+        """Whether the kernel has system call ``name``: called with arguments every kernel that has
+        it refuses (a bad descriptor, no path), only ENOSYS says it is missing. Changes nothing."""
+        ret = self._libc.syscall(ctypes.c_long(self._nr[name]), ctypes.c_int(-1), None, ctypes.c_uint(0), None,
+                                 ctypes.c_size_t(0))
+        return not (ret < 0 and ctypes.get_errno() == errno.ENOSYS)
 
     def unshare(self, flags: int) -> None:
         self._check(self._libc.unshare(ctypes.c_int(flags)))
