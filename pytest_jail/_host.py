@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from ._linux.net import Networks
 from ._linux.net import clean_stale as clean_stale_networks
 from ._pool import Pool
 from ._teardown import Teardowns
+from .rootfs import cache_dir
+from .rootfs._build import remove_tree
 
 __all__ = ["CheckedCache", "Host", "Reads", "host", "made_host"]
 
@@ -43,6 +46,8 @@ class Host:
         self._cgroups_failure: Unavailable | None = None
         self._networks: Networks | None = None
         self._networks_cleaned = False
+        self._layers: str | None = None  # this process's directory of on-disk writable layers
+        self._layer_count = 0
         atexit.register(self.close)
 
     def fact(self, key: Any, learn: Callable[[], Any]) -> Any:
@@ -80,6 +85,33 @@ class Host:
             self._networks = Networks()
         return self._networks
 
+    def disk_layer(self, owner: int | None) -> str | None:
+        """A fresh, empty directory on disk for one jail's writable layer (owned by ``owner``), for
+        kernels whose tmpfs keeps no ``user.*`` xattrs (before Linux 6.6), where overlayfs cannot
+        record a replaced directory. Under this process's own directory of the cache, removed at
+        exit (a killed run's by the next one); ``None`` if that filesystem keeps no xattrs either."""
+        if self._layers is None:
+            base = os.path.join(cache_dir(), "layers")
+            os.makedirs(base, exist_ok=True)
+            _remove_dead_layers(base)
+            own = os.path.join(base, f"{os.getpid()}.{secrets.token_hex(4)}")
+            os.mkdir(own, 0o755)
+            try:
+                os.setxattr(own, "user.pytest-jail", b"1")
+            except OSError:
+                os.rmdir(own)
+                self._layers = ""
+            else:
+                self._layers = own
+        if not self._layers:
+            return None
+        self._layer_count += 1
+        path = os.path.join(self._layers, f"j{self._layer_count}")
+        os.mkdir(path, 0o755)
+        if owner is not None:
+            os.chown(path, owner, owner)
+        return path
+
     def close(self) -> None:
         """End everything, in order: the jail prepared ahead, teardowns left (bounded), the
         networks, then the cgroup parents those jails lived in. Only in the process it belongs to."""
@@ -91,6 +123,19 @@ class Host:
             self._networks.close()
         if self._cgroups is not None:
             self._cgroups.close()
+        if self._layers:
+            remove_tree(self._layers)
+
+
+def _remove_dead_layers(base: str) -> None:
+    """Remove the layer directories of runs whose process is gone (killed before their exit)."""
+    for name in os.listdir(base):
+        try:
+            pid = int(name.split(".")[0])
+        except ValueError:
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            remove_tree(os.path.join(base, name))
 
 
 _current: Host | None = None

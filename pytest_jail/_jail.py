@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import os
 import signal
 import socket
 import sys
 import time
-import warnings
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from posix import _exit  # the real one: coverage's patch=_exit would save from our children
@@ -28,6 +25,7 @@ from . import _child
 from . import _wire
 from ._errors import JailConfigError
 from ._errors import JailSetupError
+from ._fork import fork as _fork
 from ._host import host
 from ._host import made_host
 from ._limits import cgroup_for
@@ -35,6 +33,7 @@ from ._limits import usage_fields
 from ._linux import seccomp
 from ._linux.mounts import Exposure
 from ._linux.net import Attachment
+from ._probe import try_in_namespaces
 from ._process import DEFAULT_OUTPUT_LIMIT
 from ._process import Command
 from ._process import JailProcess
@@ -56,6 +55,7 @@ from ._view import reserve_address
 from ._view import resolve_rootfs
 from ._view import runtime_paths
 from ._view import uses_root_map
+from .rootfs._build import remove_tree
 
 __all__ = ["ROOT_MAP_BASE", "Call", "Jail", "runtime_paths", "set_memory_budget", "uses_root_map"]
 
@@ -258,8 +258,11 @@ class Jail:
         defer_map: bool = False,
     ) -> Supervisor:
         layer = self.layer if rootfs is not None else None
+        scratch = None  # a layer on disk that goes with the jail (an old kernel's tmpfs keeps no xattrs)
+        if rootfs is not None and layer is None and try_in_namespaces().get("xattr", "ok") != "ok":
+            scratch = layer = host().disk_layer(ROOT_MAP_BASE if root_map else None)
         record = _records(spec)
-        plan = self._plan(spec, rootfs, exposures, root_map)
+        plan = self._plan(spec, rootfs, exposures, root_map, layer)
         group = cgroup_for(spec, exposures)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: in root mode the parent hands the helper the id-mapped rootfs on it.
@@ -302,12 +305,15 @@ class Jail:
                 group.remove()
             if attachment is not None:
                 host().networks().release(attachment)
+            if scratch is not None:
+                remove_tree(scratch)
             raise JailSetupError("fork", exc.errno, exc.strerror or str(exc)) from None
         for fd in (status_w, control_r):
             os.close(fd)
         engine = host()
         run = Supervisor(pid, status_r, control_w, started, engine.teardowns, networks=engine.networks, group=group,
-                         attachment=attachment, launch=launch, memory=spec.memory, layer=layer, rootfs=rootfs)
+                         attachment=attachment, launch=launch, memory=spec.memory, layer=layer, rootfs=rootfs,
+                         scratch_layer=scratch is not None)
         engine.running.add(run)
         try:
             if root_map and defer_map:
@@ -321,8 +327,9 @@ class Jail:
             raise
         return run
 
-    def _plan(self, spec: JailSpec, rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool) -> list[Any]:
-        layer = self.layer if rootfs is not None else None
+    def _plan(self, spec: JailSpec, rootfs: str | None, exposures: tuple[Exposure, ...], root_map: bool,
+              layer: str | None = None) -> list[Any]:
+        layer = layer if rootfs is not None else None
         binds = tuple(b.target for b in spec.binds)
         return plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, _records(spec),
                         own_net=spec.net != "host")
@@ -331,7 +338,7 @@ class Jail:
         """The plan a jail of this recipe would get now (the host may have changed since one was
         prepared: a secret created in the home directory is hidden from the next jail)."""
         exposures = self.exposures + tuple(Exposure(b.source, b.target, b.writable) for b in spec.binds)
-        return self._plan(spec, resolve_rootfs(spec.rootfs), exposures, uses_root_map())
+        return self._plan(spec, resolve_rootfs(spec.rootfs), exposures, uses_root_map(), self.layer)
 
     def _connect(self, run: Supervisor, attachment: Attachment) -> None:
         """Plug the jail into its segment once its network namespace exists; then let init go on."""
@@ -588,31 +595,6 @@ class Call:
 _LAST_WORDS = 64 * 1024
 
 
-def _fork(child: Callable[[], None]) -> int:
-    """``os.fork()``; the child runs ``child`` first. The garbage collector's objects are frozen
-    around it, so the child's first collection does not copy every page (gc.freeze docs)."""
-    # Python 3.12 warns about fork() in a threaded process (pytest-xdist has one); what the child
-    # runs is pytest code, as pytest-forked's children do. One filter for that message, added and
-    # then removed by itself: warnings.catch_warnings() would put back the whole filter list,
-    # undoing what another thread changed meanwhile (it is not thread-safe).
-    warnings.filterwarnings("ignore", message=_FORK_WARNING, category=DeprecationWarning)
-    entry = warnings.filters[0]
-    gc.freeze()
-    parent = os.getpid()
-    try:
-        pid = os.fork()
-    finally:
-        if os.getpid() == parent:
-            gc.unfreeze()
-        with contextlib.suppress(ValueError):
-            warnings.filters.remove(entry)  # type: ignore[attr-defined]  # (a list at run time)
-        getattr(warnings, "_filters_mutated", lambda: None)()
-    if pid == 0:
-        child()
-    return pid
-
-
-_FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
 
 
 def _filter(spec: JailSpec, *, notify: bool = True) -> bytes | None:

@@ -12,6 +12,7 @@ from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
+from ._fork import fork
 from ._host import host
 from ._host import made_host
 from ._linux.syscalls import Syscalls
@@ -169,13 +170,15 @@ def _try_in_namespaces() -> dict[str, str]:
     """Fork a child that makes a user and a mount namespace, as a jail's helper does, and tries
     there what jails need; what it found comes back as JSON (errno names for a "no")."""
     read, write = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
+
+    def child() -> None:
         try:
             os.close(read)
             os.write(write, json.dumps(_child_tries()).encode())
         finally:
             _exit(0)
+
+    pid = fork(child)
     os.close(write)
     chunks = []
     while chunk := os.read(read, 65536):

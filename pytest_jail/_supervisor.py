@@ -88,6 +88,7 @@ class Supervisor:
     layer: str | None = None  # a host directory holding its rootfs's writable layer
     map_pending: bool = False  # root mode, a jail prepared ahead: its id map is still to be written
     rootfs: str | None = None  # its rootfs directory (for the id-mapped tree sent with the map)
+    scratch_layer: bool = False  # its layer is on disk only because tmpfs keeps no xattrs: remove it all
 
     # -- the wire -----------------------------------------------------------------------------
 
@@ -329,7 +330,8 @@ class Supervisor:
             # What the jail wrote is in upper/; overlayfs's scratch (work/, with a mode 0000
             # directory in it) would only stop pytest from removing its old temp dirs.
             layer = self.layer
-            steps.append(("writable layer", lambda: remove_tree(os.path.join(layer, "work"))))
+            kept = os.path.join(layer, "work") if not self.scratch_layer else layer
+            steps.append(("writable layer", lambda: remove_tree(kept)))
         release(steps)
         self.group = self.attachment = None
         return self.exit_status()

@@ -15,6 +15,7 @@ from posix import _exit  # the real one: coverage's patch=_exit would save from 
 from typing import Any
 
 from ._errors import JailUnavailableError
+from ._fork import fork
 from ._host import Reads
 from ._host import host
 from ._linux.mounts import CGROUP_ROOT
@@ -325,8 +326,8 @@ def idmap_works(path: str) -> bool:
 def _idmap_works(path: str) -> bool:
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # a user namespace to map through; it lives until the parent is done
+
+    def child() -> None:  # a user namespace to map through; it lives until the parent is done
         try:
             os.close(hold_w)
             _syscalls().unshare(0x10000000)  # CLONE_NEWUSER
@@ -334,6 +335,8 @@ def _idmap_works(path: str) -> bool:
             os.read(hold_r, 1)
         finally:
             _exit(0)
+
+    pid = fork(child)
     try:
         os.close(ready_w)
         if os.read(ready_r, 1) != b"u":

@@ -9,13 +9,13 @@ import sys
 import textwrap
 
 import pytest
-from conftest import needs_jail
 
 from pytest_jail import Jail
 from pytest_jail import JailSpec
 from pytest_jail import JailUnavailableError
 
-pytestmark = needs_jail
+# No needs_jail gate: on a kernel where jails cannot run (5.10 in the kernel matrix), the point
+# is that the doctor says so, and that jails fail with the cause.
 
 #: Runs the doctor, then a jail of each kind, in one process; prints both.
 PROBE = textwrap.dedent("""
@@ -94,8 +94,11 @@ def test_what_the_doctor_says_of_limits_is_what_a_limited_jail_does() -> None:
     try:
         Jail(JailSpec(memory=64 << 20)).run(["true"], check=True)
         worked = True
-    except JailUnavailableError:
+    except JailUnavailableError as exc:
         worked = False
+        if lines["read-only host view"] != "ok":  # no jail at all on this kernel, limits or not
+            assert "Linux 5.12" in str(exc), exc
+            return
     assert (lines["limits"] == "ok") == worked, out
 
 

@@ -166,9 +166,11 @@ def test_returncode_signal_and_check() -> None:
 
 def test_input_env_cwd() -> None:
     """input feeds stdin; env replaces the environment; cwd is inside the jail."""
-    result = Jail().run(["sh", "-c", "cat; echo $ONLY; pwd; env | wc -l"], input="data\n", env={"ONLY": "1"}, cwd="/etc")
+    script = "cat; echo $ONLY; pwd; env | cut -d= -f1"
+    result = Jail().run(["sh", "-c", script], input="data\n", env={"ONLY": "1"}, cwd="/etc")
     assert result.stdout.split("\n")[:3] == ["data", "1", "/etc"]
-    assert int(result.stdout.split("\n")[3]) <= 3  # ONLY, PWD, and maybe SHLVL
+    names = set(result.stdout.split("\n")[3:]) - {""}
+    assert "ONLY" in names and names <= {"ONLY", "PWD", "SHLVL", "_", "OLDPWD"}, names  # what a shell adds
 
 
 def test_argv_must_be_a_list() -> None:
@@ -253,7 +255,8 @@ def test_no_way_to_undo_the_jail() -> None:
     assert not bounding & (1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH)
     assert "nested-umount-refused" in result.stdout and "nested-ro" in result.stdout
     assert int(lines[-2]) < 10  # /proc is still the jail's own
-    assert result.stderr.count("must be superuser") + result.stderr.count("permission denied") >= 3
+    refusals = ("must be superuser", "permission denied", "operation not permitted")  # util-linux's, busybox's
+    assert sum(any(r in line.lower() for r in refusals) for line in result.stderr.splitlines()) >= 3, result.stderr
     assert not os.path.exists("/usr/jail-x")
 
 

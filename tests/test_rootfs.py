@@ -15,6 +15,7 @@ import pytest
 from conftest import needs_busybox
 from conftest import needs_jail
 from conftest import root_mode
+from conftest import rootless_mode
 from conftest import tree_digest
 
 from pytest_jail import Jail
@@ -321,3 +322,31 @@ def test_rootfs_symlinks_never_lead_mount_points_to_the_host(built: str, tmp_pat
         ["sh", "-c", "cat /home/me/data/f /up/data2/f"])
     assert result.stdout == "boundbound", result.stderr
     assert os.listdir(victim) == []
+
+
+def test_a_directory_of_the_rootfs_can_be_replaced(busybox_rootfs: str) -> None:
+    """``rm -rf`` over a directory of the rootfs, then ``mkdir``: overlayfs marks the new directory
+    opaque in an xattr of the writable layer. Where the kernel's tmpfs keeps no user.* xattrs
+    (before Linux 6.6: this failed with EIO on 6.1, the kernel-guest's 6.1) the layer is on disk
+    instead, under the cache, and goes with the jail."""
+    from pytest_jail._probe import try_in_namespaces
+
+    script = "rm -rf /etc && mkdir /etc && touch /etc/new && ls /etc"
+    result = Jail(JailSpec(rootfs=busybox_rootfs)).run(["sh", "-c", script])
+    assert result.returncode == 0 and result.stdout.split() == ["new"], result
+    assert os.path.exists(os.path.join(busybox_rootfs, "etc", "marker"))  # never the tree itself
+    layers = host()._layers
+    if try_in_namespaces().get("xattr") == "ok":
+        assert layers is None  # this kernel's tmpfs does it: no layer on disk
+    else:
+        assert layers and os.listdir(layers) == [], layers  # it was used, and it is gone
+
+
+@rootless_mode
+def test_the_cli_says_in_one_line_where_it_cannot_write(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    done = subprocess.run([sys.executable, "-m", "pytest_jail.cli", "rootfs", "busybox", str(locked / "tree")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot build {locked}/tree: {locked} is not writable here" in done.stderr, done.stderr

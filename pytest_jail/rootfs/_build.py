@@ -81,8 +81,12 @@ def building(target: str, recipe: dict[str, Any], mode: int = 0o755) -> Iterator
     target = os.path.abspath(target)
     _check_replaceable(target)
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+    except OSError as exc:
+        raise JailConfigError(f"cannot build {target}: {parent} is not writable here ({exc.strerror}); "
+                              "choose a directory you may write, e.g. under your home") from None
     try:
         os.chmod(partial, mode)
         yield partial
