@@ -50,10 +50,10 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
     found.append(_finding("rootfs jails", tried.get("overlay"), rootfs, "overlayfs mounts in a user namespace",
                           "this kernel refuses overlayfs in a user namespace (before Linux 5.11) or lacks it: "
                           "upgrade to 5.11 or newer, or modprobe overlay"))
-    found.append(_finding("tmpfs user xattrs", tried.get("xattr"), False,
-                          "a rootfs's writable layer keeps overlay's bookkeeping in tmpfs (Linux 6.6)",
-                          "this kernel's tmpfs has no user.* xattrs (before Linux 6.6): replacing a directory of "
-                          "a rootfs fails there (EIO); upgrade to 6.6, or keep the layer on disk (--jail-keep-failed)"))
+    xattrs = tried.get("xattr") == "ok"
+    found.append(Finding("tmpfs user xattrs", True if xattrs else None, "overlayfs keeps a rootfs jail's bookkeeping "
+                         "in its tmpfs layer (Linux 6.6)" if xattrs else f"none on this kernel's tmpfs (before Linux "
+                         f"6.6; {tried.get('xattr')}): a rootfs jail's writable layer goes on disk, under the cache"))
     if root:
         works = idmap_works(os.getcwd())
         found.append(Finding("id-mapped mounts", works, "this directory's filesystem can be shown id-mapped" if works

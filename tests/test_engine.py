@@ -170,7 +170,7 @@ def test_input_env_cwd() -> None:
     result = Jail().run(["sh", "-c", script], input="data\n", env={"ONLY": "1"}, cwd="/etc")
     assert result.stdout.split("\n")[:3] == ["data", "1", "/etc"]
     names = set(result.stdout.split("\n")[3:]) - {""}
-    assert "ONLY" in names and names <= {"ONLY", "PWD", "SHLVL", "_", "OLDPWD"}, names  # what a shell adds
+    assert "ONLY" in names and names <= {"ONLY", "PWD", "SHLVL", "_", "OLDPWD", "PATH"}, names  # what a shell adds
 
 
 def test_argv_must_be_a_list() -> None:

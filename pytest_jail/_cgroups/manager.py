@@ -252,6 +252,14 @@ def limits_summary(made: Manager | None = None) -> str:
                 f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
                 "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
             )
+        if not set(V2_CONTROLLERS) <= set(read(os.path.join(own, "cgroup.subtree_control")).split()):
+            others = {int(p) for p in read(os.path.join(own, "cgroup.procs")).split()} - set(_session_members(own))
+            if others:  # what enable_children would meet: no leaf for this session alone
+                raise Unavailable(
+                    f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own}: it holds other "
+                    f"processes than this pytest (pids {', '.join(map(str, sorted(others)[:5]))})",
+                    "run pytest alone in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
+                )
     else:
         raise Unavailable("this host has no cgroup hierarchy mounted", "mount cgroup2 at /sys/fs/cgroup")
     return layout.describe()
