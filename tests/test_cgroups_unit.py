@@ -165,3 +165,16 @@ def test_io_writers(tmp_path: pathlib.Path) -> None:
     v1.apply(Limits(io_read=1 << 20, io_devices=("8:0",)))
     assert (blkio / "blkio.throttle.read_bps_device").read_text() == f"8:0 {1 << 20}"
     assert (blkio / "blkio.throttle.write_bps_device").read_text() == ""
+
+
+def test_detect_a_bound_subtree(tmp_path: pathlib.Path) -> None:
+    """Inside a container without a cgroup namespace, /proc/self/cgroup names the container's
+    group and /sys/fs/cgroup is a bind of that very subtree (mountinfo's root field): our group
+    is the mount point itself, not a path under it that does not exist there."""
+    mounts = ("30 23 0:27 /docker/abc /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+              "31 23 0:28 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    layout = detect(*_files(tmp_path, mounts, "4:memory:/docker/abc/sub\n0::/docker/abc\n"))
+    assert layout.v2 == "/sys/fs/cgroup"
+    assert layout.v1["memory"] == "/sys/fs/cgroup/memory/sub"
+    elsewhere = detect(*_files(tmp_path, mounts, "0::/other\n"))  # a group this mount does not show
+    assert elsewhere.v2 is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 
@@ -258,3 +259,32 @@ def test_a_group_is_killed_whole_where_the_kernel_has_no_cgroup_kill() -> None:
     assert service.wait(timeout=30).returncode == -9
     timed = Jail(JailSpec(timeout=1)).run(["sh", "-c", "sleep 300 & sleep 300 & wait"])
     assert timed.timed_out and timed.returncode == -9
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding a cgroup subtree over the hierarchy needs root")
+def test_a_bound_cgroup_subtree_is_found_where_it_is_mounted() -> None:
+    """As in a container without a cgroup namespace: a process whose group's own subtree is bound
+    over the hierarchy's mount point (a mount namespace of its own, nothing changes outside) finds
+    its group at the mount point, and a jail with a memory limit works there."""
+    from pytest_jail._cgroups.detect import detect
+
+    layout = detect()
+    hierarchy = layout.v2 if layout.kind == "v2" else layout.v1.get("memory")
+    if hierarchy is None:
+        pytest.skip("no memory hierarchy to bind a subtree of")
+    mount = next(line.split()[4] for line in open("/proc/self/mountinfo")
+                 if line.split()[4] != "/" and hierarchy.startswith(line.split()[4]) and " - cgroup" in line)
+    box = os.path.join(hierarchy, f"pytest-jail-test-box-{os.getpid()}")
+    os.mkdir(box)
+    script = (f'echo $$ > {box}/cgroup.procs && mount --bind {box} {mount} && exec "$0" -c "$1"')
+    code = ("from pytest_jail._cgroups.detect import detect; from pytest_jail import Jail, JailSpec; "
+            "layout = detect(); print(layout.v2 if layout.kind == 'v2' else layout.v1['memory']); "
+            "print(Jail(JailSpec(memory=64 << 20)).run(['true']).returncode)")
+    try:
+        done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable, code],
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == [mount, "0"], done
+    finally:
+        from pytest_jail._cgroups.base import rmdir_when_empty
+
+        rmdir_when_empty(box)

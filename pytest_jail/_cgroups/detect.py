@@ -43,13 +43,15 @@ def detect(mountinfo: str = "/proc/self/mountinfo", own: str = "/proc/self/cgrou
     v1: dict[str, str] = {}
     v2 = None
     for fields in mounts:
-        mountpoint, fstype, options = fields[4], fields[fields.index("-") + 1], fields[-1]
+        root, mountpoint, fstype, options = fields[3], fields[4], fields[fields.index("-") + 1], fields[-1]
         if fstype == "cgroup2" and own_v2 is not None:
-            v2 = os.path.normpath(os.path.join(mountpoint, own_v2.lstrip("/")))
+            v2 = _place(mountpoint, root, own_v2) or v2
         elif fstype == "cgroup":
             for controller in options.split(","):
                 if controller in V1_CONTROLLERS and controller in own_v1:
-                    v1[controller] = os.path.normpath(os.path.join(mountpoint, own_v1[controller].lstrip("/")))
+                    place = _place(mountpoint, root, own_v1[controller])
+                    if place is not None:
+                        v1[controller] = place
     controllers: frozenset[str] = frozenset()
     if v2 is not None:
         try:
@@ -66,3 +68,15 @@ def detect(mountinfo: str = "/proc/self/mountinfo", own: str = "/proc/self/cgrou
     else:
         kind = "none"
     return Layout(kind, v1, v2, controllers)
+
+
+def _place(mountpoint: str, root: str, own: str) -> str | None:
+    """Where group ``own`` (a path in its hierarchy, as /proc/self/cgroup says) is under a mount
+    of that hierarchy's subtree ``root`` (mountinfo's fourth field: a container binds its own
+    group at /sys/fs/cgroup); ``None`` if this mount does not show it."""
+    root = root.rstrip("/") or "/"
+    if root != "/":
+        if own != root and not own.startswith(root + "/"):
+            return None
+        own = own[len(root):] or "/"
+    return os.path.normpath(os.path.join(mountpoint, own.lstrip("/")))

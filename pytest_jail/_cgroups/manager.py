@@ -252,7 +252,8 @@ def limits_summary(made: Manager | None = None) -> str:
                 f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
                 "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
             )
-        if not set(V2_CONTROLLERS) <= set(read(os.path.join(own, "cgroup.subtree_control")).split()):
+        inner = os.path.exists(os.path.join(own, "cgroup.type"))  # (the root group may hold processes and give)
+        if inner and not set(V2_CONTROLLERS) <= set(read(os.path.join(own, "cgroup.subtree_control")).split()):
             others = {int(p) for p in read(os.path.join(own, "cgroup.procs")).split()} - set(_session_members(own))
             if others:  # what enable_children would meet: no leaf for this session alone
                 raise Unavailable(
