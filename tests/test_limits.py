@@ -284,7 +284,8 @@ def test_a_bound_cgroup_subtree_is_found_where_it_is_mounted() -> None:
         done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable, code],
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == [mount, "0"], done
-    finally:
+    finally:  # the box, and what the jail's run left in it (on v2, the leaf its process moved to)
         from pytest_jail._cgroups.base import rmdir_when_empty
 
-        rmdir_when_empty(box)
+        for parent, _, _ in os.walk(box, topdown=False):
+            rmdir_when_empty(parent)
