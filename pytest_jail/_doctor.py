@@ -21,6 +21,7 @@ from ._view import uses_root_map
 
 __all__ = ["Finding", "examine", "render"]
 
+
 @dataclass(frozen=True)
 class Finding:
     """One capability: ``ok`` True/False, or None for a fact (no verdict); ``needed``: the
