@@ -173,7 +173,7 @@ def helper_main(launch: Launch) -> NoReturn:
                 # would stop a jail nested in this one from writing its id map (prctl(2)).
                 launch.syscalls.prctl(sc.PR_SET_DUMPABLE, 1)
             else:
-                _write_own_map(uid, gid)
+                write_own_map(uid, gid)
         if not launch.share_net:
             with _step(launch, "ping sockets"):
                 try:
@@ -614,7 +614,8 @@ def _open_ping_sockets() -> None:
     _write("/proc/sys/net/ipv4/ping_group_range", f"{first} {first + count - 1}".encode())
 
 
-def _write_own_map(uid: int, gid: int) -> None:
+def write_own_map(uid: int, gid: int) -> None:
+    """In a user namespace just made: map our own uid and gid to themselves (no setgroups)."""
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:

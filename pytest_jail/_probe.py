@@ -10,6 +10,7 @@ from posix import _exit  # the real one: coverage's patch=_exit would save from 
 
 from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
+from ._child import write_own_map
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
 from ._fork import fork
@@ -211,12 +212,7 @@ def _child_tries() -> dict[str, str]:
 
     def enter() -> None:
         syscalls.unshare(CLONE_NEWUSER | CLONE_NEWNS)
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1")
+        write_own_map(uid, gid)  # as a jail's helper does (it has every capability in its namespace)
         syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
         syscalls.mount("tmpfs", "/tmp", "tmpfs")
 
