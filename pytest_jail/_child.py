@@ -34,6 +34,7 @@ from ._linux import seccomp
 from ._linux import syscalls as sc
 from ._linux.mounts import Executor
 from ._linux.mounts import Op
+from ._linux.remount import make_writable
 
 #: What ``ps`` in a jail shows for its pid 1.
 INIT_NAME = b"jail-init"
@@ -179,7 +180,7 @@ def helper_main(launch: Launch) -> NoReturn:
                 try:
                     _open_ping_sockets()
                 except OSError as exc:  # a jail in a jail: /proc/sys is read-only there, no ping sockets
-                    if exc.errno != errno.EROFS:
+                    if exc.errno not in (errno.EROFS, errno.EACCES):  # (EACCES: Linux 5.10 says so)
                         raise
         with _step(launch, "session keyring"):
             _join_fresh_keyring(launch.syscalls)  # the keys of pytest's session stay out of reach
@@ -498,6 +499,9 @@ def enter_body(entry: Entry) -> None:
             entry.syscalls.setns(fd, 0)
         _close(*entry.namespaces)
         for path in entry.writable:  # seen through the jail's own read-only mount of its parent
+            if not entry.syscalls.has("mount_setattr"):  # before Linux 5.12
+                make_writable(entry.syscalls, path)
+                continue
             tree = entry.syscalls.clone_tree(path)
             try:
                 entry.syscalls.make_tree_writable(tree)

@@ -45,9 +45,14 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
     found.append(_userns(tried))
     if "userns" in tried and tried["userns"] != "ok":
         return found + [Finding("everything else", None, "not tried: no jail can be made here")]
-    found.append(_finding("read-only host view", tried.get("mount_setattr"), True,
-                          "mount_setattr works (Linux 5.12)",
-                          "this kernel has no mount_setattr (Linux 5.12): upgrade the kernel to 5.12 or newer"))
+    if tried.get("mount_setattr") == "ENOSYS":
+        found.append(_finding("read-only host view", tried.get("remount"), True,
+                              "each mount remounted read-only (this kernel has no mount_setattr, Linux 5.12)",
+                              "neither mount_setattr nor a read-only remount works: run on Linux 5.12 or newer"))
+    else:
+        found.append(_finding("read-only host view", tried.get("mount_setattr"), True,
+                              "mount_setattr works (Linux 5.12)",
+                              "mount_setattr is refused: " + CONTAINER_REMEDY))
     found.append(_finding("rootfs jails", tried.get("overlay"), rootfs, "overlayfs mounts in a user namespace",
                           "this kernel refuses overlayfs in a user namespace (before Linux 5.11) or lacks it: "
                           "upgrade to 5.11 or newer, or modprobe overlay"))
@@ -56,10 +61,7 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
                          "in its tmpfs layer (Linux 6.6)" if xattrs else f"none on this kernel's tmpfs (before Linux "
                          f"6.6; {tried.get('xattr')}): a rootfs jail's writable layer goes on disk, under the cache"))
     if root:
-        works = idmap_works(os.getcwd())
-        found.append(Finding("id-mapped mounts", works, "this directory's filesystem can be shown id-mapped" if works
-                             else "this directory's filesystem cannot be id-mapped: files the host's root owns are "
-                             "read-only to the jail's root", "" if works else "use ext4, xfs or btrfs (Linux 5.12+)"))
+        found.append(_idmapped(tried))
     found.append(_limits(limits))
     found.append(_pidfd())
     found.append(_bridges(root, bridge))
@@ -82,6 +84,17 @@ def render(findings: list[Finding]) -> tuple[str, int]:
     else:
         lines.append("verdict: the jails asked for can run here")
     return "\n".join(lines), 1 if failed else 0
+
+
+def _idmapped(tried: dict[str, str]) -> Finding:
+    """Root mode: whether a rootfs's files keep their owners for the jail's root."""
+    if tried.get("mount_setattr") == "ENOSYS":
+        return Finding("id-mapped mounts", False, "this kernel has none (no mount_setattr, Linux 5.12): files the "
+                       "host's root owns are read-only to the jail's root", "run on Linux 5.12 or newer")
+    works = idmap_works(os.getcwd())
+    return Finding("id-mapped mounts", works, "this directory's filesystem can be shown id-mapped" if works
+                   else "this directory's filesystem cannot be id-mapped: files the host's root owns are "
+                   "read-only to the jail's root", "" if works else "use ext4, xfs or btrfs (Linux 5.12+)")
 
 
 def _finding(name: str, outcome: str | None, needed: bool, yes: str, no: str) -> Finding:

@@ -33,6 +33,7 @@ from ._limits import usage_fields
 from ._linux import seccomp
 from ._linux.mounts import Exposure
 from ._linux.net import Attachment
+from ._probe import overlay_by_parent
 from ._probe import try_in_namespaces
 from ._process import DEFAULT_OUTPUT_LIMIT
 from ._process import Command
@@ -50,6 +51,7 @@ from ._view import bind_sources
 from ._view import check_readable_by_jail
 from ._view import idmapped_tree
 from ._view import jail_cwd
+from ._view import overlay_tree
 from ._view import plan_for
 from ._view import reserve_address
 from ._view import resolve_rootfs
@@ -259,7 +261,8 @@ class Jail:
     ) -> Supervisor:
         layer = self.layer if rootfs is not None else None
         scratch = None  # a layer on disk that goes with the jail (an old kernel's tmpfs keeps no xattrs)
-        if rootfs is not None and layer is None and try_in_namespaces().get("xattr", "ok") != "ok":
+        by_parent = rootfs is not None and overlay_by_parent(root_map)  # (trusted.* xattrs: tmpfs has them)
+        if rootfs is not None and layer is None and not by_parent and try_in_namespaces().get("xattr", "ok") != "ok":
             scratch = layer = host().disk_layer(ROOT_MAP_BASE if root_map else None)
         record = _records(spec)
         plan = self._plan(spec, rootfs, exposures, root_map, layer)
@@ -313,7 +316,8 @@ class Jail:
         engine = host()
         run = Supervisor(pid, status_r, control_w, started, engine.teardowns, networks=engine.networks, group=group,
                          attachment=attachment, launch=launch, memory=spec.memory, layer=layer, rootfs=rootfs,
-                         scratch_layer=scratch is not None)
+                         scratch_layer=scratch is not None,
+                         overlay_size=spec.tmpfs_size if by_parent else None, overlay_by_parent=by_parent)
         engine.running.add(run)
         try:
             if root_map and defer_map:
@@ -331,8 +335,9 @@ class Jail:
               layer: str | None = None) -> list[Any]:
         layer = layer if rootfs is not None else None
         binds = tuple(b.target for b in spec.binds)
-        return plan_for(rootfs, exposures, root_map, spec.tmpfs_size, layer, binds, _records(spec),
-                        own_net=spec.net != "host")
+        by_parent = rootfs is not None and overlay_by_parent(root_map)
+        return plan_for(rootfs, exposures, root_map, spec.tmpfs_size, None if by_parent else layer, binds,
+                        _records(spec), own_net=spec.net != "host", overlay_made=by_parent)
 
     def _plan_now(self, spec: JailSpec) -> list[Any]:
         """The plan a jail of this recipe would get now (the host may have changed since one was
@@ -365,7 +370,10 @@ class Jail:
             finally:
                 os.close(fd)
         userns = f"/proc/{run.pid}/ns/user"
-        tree = None if rootfs is None else idmapped_tree(rootfs, userns)
+        if rootfs is not None and run.overlay_by_parent:
+            tree: int | None = overlay_tree(rootfs, run.layer, run.overlay_size)
+        else:
+            tree = None if rootfs is None else idmapped_tree(rootfs, userns)
         trees = [idmapped_tree(path, userns, quiet=True) for path in run.launch.mapped] if run.launch else []
         fds = [t for t in [tree, *trees] if t is not None]
         flags = ("r" if tree is not None else "-") + "".join("0" if t is None else "1" for t in trees)

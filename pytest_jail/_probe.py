@@ -16,6 +16,7 @@ from ._errors import JailUnavailableError
 from ._fork import fork
 from ._host import host
 from ._host import made_host
+from ._linux.remount import remount_tree
 from ._linux.syscalls import Syscalls
 from ._view import ROOT_MAP_BASE
 from ._view import uses_root_map
@@ -80,12 +81,6 @@ def probe_host() -> HostSupport:
                                "AppArmor restricts unprivileged user namespaces "
                                "(kernel.apparmor_restrict_unprivileged_userns = 1)",
                                "run: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
-    if not _syscalls().available("mount_setattr"):
-        if _filtered():  # (a container's profile may answer ENOSYS for calls newer than itself)
-            return HostSupport(False, mode, "a system call filter on this process (a container's seccomp profile) "
-                               "refuses mount_setattr, which the read-only host view needs", CONTAINER_REMEDY)
-        return HostSupport(False, mode, f"this kernel (Linux {os.uname().release}) has no mount_setattr, which the "
-                           "read-only host view needs (Linux 5.12)", KERNEL_REMEDY)
     return HostSupport(True, mode)
 
 
@@ -95,6 +90,12 @@ CONTAINER_REMEDY = ("run the container with --security-opt seccomp=unconfined --
 #: What an old kernel's "no" says to do.
 KERNEL_REMEDY = ("run on Linux 5.12 or newer (Debian 12, Ubuntu 22.04, RHEL 9, Amazon Linux 2023 and their "
                  "successors; see README, Supported kernels)")
+
+
+def overlay_by_parent(root_map: bool) -> bool:
+    """Whether a rootfs's overlay is made by the parent, the host's root (root mode on a kernel
+    that refuses overlayfs in a user namespace: before Linux 5.11), not in the jail."""
+    return root_map and try_in_namespaces().get("overlay") == "EPERM"
 
 
 def _syscalls() -> Syscalls:
@@ -122,7 +123,7 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
         return JailUnavailableError(
             f"this kernel (Linux {os.uname().release}) refuses overlayfs in a user namespace, which a rootfs's "
             "writable layer needs (Linux 5.11)", KERNEL_REMEDY + "; jails in the host view (rootfs=None) work here")
-    if error.step == "mount" and error.errno == errno.ENODEV and "overlay" in error.detail:
+    if error.step in ("mount", "overlay") and error.errno == errno.ENODEV and "overlay" in error.detail:
         return JailUnavailableError(
             "this kernel has no overlayfs, which a rootfs's writable layer needs (mount overlay: ENODEV)",
             "load it as root: modprobe overlay (or boot a kernel with CONFIG_OVERLAY_FS)",
@@ -232,5 +233,14 @@ def _child_tries() -> dict[str, str]:
                        "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
 
     attempt("overlay", overlay)
-    attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True))
+    if not attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True)):
+
+        def remount() -> None:  # what a jail does without mount_setattr
+            fd = os.open("/tmp", os.O_PATH | os.O_CLOEXEC)
+            try:
+                remount_tree(syscalls, fd, MOUNT_ATTR_RDONLY, recursive=True, name="/tmp")
+            finally:
+                os.close(fd)
+
+        attempt("remount", remount)
     return results

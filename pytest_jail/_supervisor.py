@@ -89,6 +89,8 @@ class Supervisor:
     map_pending: bool = False  # root mode, a jail prepared ahead: its id map is still to be written
     rootfs: str | None = None  # its rootfs directory (for the id-mapped tree sent with the map)
     scratch_layer: bool = False  # its layer is on disk only because tmpfs keeps no xattrs: remove it all
+    overlay_by_parent: bool = False  # its rootfs's overlay is made by the parent (kernels before 5.11)...
+    overlay_size: int | None = None  # ...with a layer of this size
 
     # -- the wire -----------------------------------------------------------------------------
 

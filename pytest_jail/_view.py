@@ -14,6 +14,7 @@ import warnings
 from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 from typing import Any
 
+from ._errors import JailSetupError
 from ._errors import JailUnavailableError
 from ._fork import fork
 from ._host import Reads
@@ -26,6 +27,8 @@ from ._linux.mounts import cgroup_mounts
 from ._linux.mounts import closed_ancestors
 from ._linux.mounts import plan_mounts
 from ._linux.net import Attachment
+from ._linux.syscalls import MOUNT_ATTR_NODEV
+from ._linux.syscalls import MOUNT_ATTR_NOSUID
 from ._linux.syscalls import Syscalls
 from .rootfs import NAMES
 from .rootfs import named_rootfs
@@ -92,6 +95,7 @@ def plan_for(
     binds: tuple[str, ...] = (),
     record: bool = False,
     own_net: bool = False,
+    overlay_made: bool = False,
 ) -> list[Any]:
     """The mount plan of a jail; ``binds`` are the targets the user bound explicitly, which the
     host view's hygiene leaves alone; ``own_net``: the jail has a network namespace of its own
@@ -118,7 +122,7 @@ def plan_for(
     # lead them there, so each target is first resolved as the jail will see it.
     exposures = tuple(Exposure(e.source, resolve_in_root(rootfs, e.target), e.writable) for e in exposures)
     return _cached_plan(view, rootfs, exposures, frozenset(closed), tmp_size, layer, (), (), resolv, host_cgroups(view),
-                        own_net)
+                        own_net, overlay_made)
 
 
 def resolve_in_root(root: str, path: str) -> str:
@@ -175,10 +179,12 @@ def _cached_plan(
     resolv: str | None,
     cgroups: tuple[CgroupMount, ...],
     own_net: bool,
+    overlay_made: bool = False,
 ) -> list[Any]:
-    key = (view, rootfs, exposures, closed, tmp_size, layer, scratch, hidden, resolv, cgroups, own_net)
+    key = (view, rootfs, exposures, closed, tmp_size, layer, scratch, hidden, resolv, cgroups, own_net, overlay_made)
     plan: list[Any] = host().plans.get(key, lambda reads: plan_mounts(
-        rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, scratch=scratch, hidden=hidden,
+        rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, overlay_made=overlay_made, scratch=scratch,
+        hidden=hidden,
         resolv=resolv, cgroups=cgroups, own_net=own_net, exists=reads.wrap(os.path.lexists),
         isdir=reads.wrap(os.path.isdir), listdir=reads.wrap(_sorted_listdir), islink=reads.wrap(os.path.islink),
         readlink=reads.wrap(os.readlink),
@@ -312,6 +318,37 @@ def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | Non
     return tree
 
 
+def overlay_tree(rootfs: str, layer: str | None, size: int | None) -> int:
+    """Root mode on a kernel that refuses overlayfs in a user namespace (before Linux 5.11): the
+    jail's root filesystem, the rootfs under a fresh writable layer, made here by the host's root
+    as a detached mount the helper attaches. Such a kernel cannot id-map either: the jail's root
+    does not own the rootfs's files (it owns ``/`` itself, the layer's root)."""
+    _warn_not_idmapped(rootfs, "no id-mapped mounts before Linux 5.12")
+    attributes = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+    lower = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    scratch = -1
+    try:
+        if layer is None:
+            options = {"mode": "0755", **({"size": str(size)} if size else {})}
+            scratch = _syscalls().new_mount("tmpfs", options, attributes)
+            layer = f"/proc/self/fd/{scratch}"
+        for name in ("upper", "work"):
+            os.mkdir(os.path.join(layer, name), 0o755)
+        upper = os.path.join(layer, "upper")
+        os.chmod(upper, os.stat(lower).st_mode & 0o7777)
+        os.chown(upper, ROOT_MAP_BASE, ROOT_MAP_BASE)
+        # Paths through descriptors: a comma or colon in the user's path cannot break the options.
+        return _syscalls().new_mount("overlay", {"lowerdir": f"/proc/self/fd/{lower}", "upperdir": upper,
+                                                 "workdir": os.path.join(layer, "work")}, attributes)
+    except OSError as exc:
+        detail = f"{exc.strerror} during overlay of {rootfs} (made by the host's root)"
+        raise JailSetupError("overlay", exc.errno, detail, rootfs) from None
+    finally:
+        for fd in (lower, scratch):
+            if fd >= 0:
+                os.close(fd)
+
+
 def idmap_works(path: str) -> bool:
     """Root mode: can the filesystem of ``path`` be shown id-mapped (probed once per filesystem
     with a throwaway user namespace; the kernel's answer, not its version)?"""
@@ -363,9 +400,11 @@ def _warn_not_idmapped(rootfs: str, reason: str) -> None:
     if rootfs in host().not_idmapped:
         return
     host().not_idmapped[rootfs] = reason
+    where = ("this kernel has" if reason.startswith("no id-mapped") else
+             f"{rootfs} is on a filesystem this kernel cannot id-map (NFS, or tmpfs before Linux 6.3):")
     warnings.warn(
-        f"pytest-jail: {rootfs} is on a filesystem this kernel cannot id-map ({reason}; NFS, or tmpfs "
-        "before Linux 6.3): in its jails, files owned by the host's root are read-only to the jail's root",
+        f"pytest-jail: {where} {reason}: in jails of {rootfs}, files owned by the host's root are read-only "
+        "to the jail's root",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -208,3 +208,26 @@ def test_jail_mounts_its_own_cgroups_read_only() -> None:
     at = v2.index(("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=0"))
     assert v2[at + 1] == ("optional_mount", "cgroup2", root, "cgroup2", flags, None)  # not right over the host's
     assert not any(op[2] == root for op in plan_mounts(None, [], ) if op[0] in ("mount", "optional_mount"))
+
+
+def test_the_mounts_below_one_are_found_by_parent_ids_with_escapes_undone() -> None:
+    from pytest_jail._linux.remount import submounts
+
+    table = "\n".join([
+        "20 1 0:1 / / rw - ext4 /dev/vda rw",
+        "30 20 0:2 / /newroot rw - ext4 /dev/vda rw",
+        "31 30 0:3 / /newroot/a\\040b rw - tmpfs tmpfs rw",
+        "32 31 0:4 / /newroot/a\\040b/c rw - tmpfs tmpfs rw",
+        "40 20 0:5 / /other rw - tmpfs tmpfs rw",
+    ])
+    assert submounts(table, 30) == [(31, "/newroot/a b"), (32, "/newroot/a b/c")]
+    assert submounts(table, 40) == []
+
+
+def test_a_remount_repeats_the_flags_a_mount_has() -> None:
+    from pytest_jail._linux import syscalls as sc
+    from pytest_jail._linux.remount import flags_of
+
+    assert flags_of(os.ST_RDONLY | os.ST_NODEV | os.ST_RELATIME) == sc.MS_RDONLY | sc.MS_NODEV | sc.MS_RELATIME
+    assert flags_of(os.ST_NOATIME | os.ST_NOEXEC) == sc.MS_NOATIME | sc.MS_NOEXEC
+    assert flags_of(0) == sc.MS_STRICTATIME  # no atime flag at all: strictatime, said out loud

@@ -8,6 +8,7 @@ first ``pivot_root``, so nothing we mount over can hide a source.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .blackhole import RESOLV_CONF
+from .remount import remount_tree
 from .syscalls import MNT_DETACH
 from .syscalls import MOUNT_ATTR_NODEV
 from .syscalls import MOUNT_ATTR_NOSUID
@@ -69,6 +71,7 @@ def plan_mounts(
     closed: Iterable[str] = (),
     tmp_size: int | None = None,
     layer: str | None = None,
+    overlay_made: bool = False,
     scratch: Sequence[tuple[str, str]] = (),
     hidden: Sequence[str] = (),
     resolv: str | None = None,
@@ -89,6 +92,8 @@ def plan_mounts(
         layer); ``None``: the kernel's default.
     :param layer: a host directory to hold the rootfs's writable layer (kept for a failed test);
         ``None``: a tmpfs that goes with the jail.
+    :param overlay_made: the rootfs's overlay comes whole from the parent (root mode on a kernel
+        that refuses overlayfs in a user namespace), as the executor's tree; ``layer`` is its.
     :param scratch: host-view directories replaced by an empty, writable tmpfs, with its mode
         (``("/run", "0755")``): where a host keeps live sockets.
     :param hidden: host-view paths replaced by something empty and read-only (``~/.ssh``).
@@ -121,7 +126,10 @@ def plan_mounts(
             tree.tmpfs(path, f"mode={mode}{size}")
             tree.writable.add(path)
     else:
-        _plan_overlay(ops, rootfs, layer, size)
+        if overlay_made:
+            ops.append(("made_overlay", NEW))
+        else:
+            _plan_overlay(ops, rootfs, layer, size)
         tree.overlay = True
         for name in _FRESH:
             ops.append(("mkdir", NEW + "/" + name))
@@ -550,13 +558,23 @@ class Executor:
             self.sys.mount(source, place, None, MS_BIND | (MS_REC if recursive else 0), None)
 
     def readonly(self, target: str, recursive: bool) -> None:
-        with self._at(target) as place:
-            self.sys.mount_setattr(place, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+        self._restrict(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive)
 
     def seal(self, target: str, recursive: bool) -> None:
         """Writable, but no set-uid programs and no device nodes."""
-        with self._at(target) as place:
-            self.sys.mount_setattr(place, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=recursive)
+        self._restrict(target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive)
+
+    def _restrict(self, target: str, attributes: int, recursive: bool) -> None:
+        if self.sys.has("mount_setattr"):
+            with self._at(target) as place:
+                self.sys.mount_setattr(place, attributes, recursive=recursive)
+            return
+        # Before Linux 5.12: each mount remounted (the MOUNT_ATTR_ bits named are MS_'s too).
+        fd = self._open(target)
+        try:
+            remount_tree(self.sys, fd, attributes, recursive=recursive, proc=OLD + "/proc", name=target)
+        finally:
+            os.close(fd)
 
     def lower(self, source: str, target: str) -> None:
         """The rootfs as an overlay's lower layer: a tree the parent cloned (and id-mapped) if it
@@ -565,6 +583,12 @@ class Executor:
             self.sys.attach_tree(self.tree, target)
         else:
             self.bind(source, target, True)
+
+    def made_overlay(self, target: str) -> None:
+        """The rootfs with its writable layer, an overlay the parent made (never the bare rootfs)."""
+        if self.tree is None:
+            raise OSError(errno.EINVAL, "the parent sent no overlay of the rootfs", target)
+        self.sys.attach_tree(self.tree, target)
 
     def umount(self, target: str, flags: int) -> None:
         self.sys.umount2(target, flags)

@@ -28,9 +28,14 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOSYMFOLLOW = 0x100
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
@@ -72,6 +77,10 @@ OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_SYMLINKS = 0x10
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 
@@ -89,9 +98,9 @@ IFF_NO_PI = 0x1000
 # Syscall numbers glibc has no wrapper for (asm-generic numbers are shared by arm64 and riscv).
 _NUMBERS = {
     "x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126, "open_tree": 428, "move_mount": 429,
-               "keyctl": 250, "openat2": 437, "seccomp": 317},
+               "fsopen": 430, "fsconfig": 431, "fsmount": 432, "keyctl": 250, "openat2": 437, "seccomp": 317},
     "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91, "open_tree": 428, "move_mount": 429,
-                "keyctl": 219, "openat2": 437, "seccomp": 277},
+                "fsopen": 430, "fsconfig": 431, "fsmount": 432, "keyctl": 219, "openat2": 437, "seccomp": 277},
 }
 KEYCTL_JOIN_SESSION_KEYRING = 1
 SECCOMP_SET_MODE_FILTER = 1
@@ -158,6 +167,7 @@ class Syscalls:
         if machine not in _NUMBERS:
             raise OSError(f"pytest-jail knows the system calls of {', '.join(_NUMBERS)}, not of {machine}")
         self._nr = _NUMBERS[machine]
+        self._has: dict[str, bool] = {}
 
     def _check(self, ret: int, *paths: str | None) -> None:
         if ret < 0:
@@ -171,6 +181,12 @@ class Syscalls:
         ret = self._libc.syscall(ctypes.c_long(self._nr[name]), ctypes.c_int(-1), None, ctypes.c_uint(0), None,
                                  ctypes.c_size_t(0))
         return not (ret < 0 and ctypes.get_errno() == errno.ENOSYS)
+
+    def has(self, name: str) -> bool:
+        """:meth:`available`, asked once per object (a forked child keeps its parent's answers)."""
+        if name not in self._has:
+            self._has[name] = self.available(name)
+        return self._has[name]
 
     def unshare(self, flags: int) -> None:
         self._check(self._libc.unshare(ctypes.c_int(flags)))
@@ -244,6 +260,27 @@ class Syscalls:
             ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
         )
         self._check(ret)
+
+    def new_mount(self, fstype: str, options: dict[str, str], attributes: int) -> int:
+        """A new filesystem as a detached mount, as a descriptor (``fsopen``, ``fsconfig``,
+        ``fsmount``: Linux 5.2); ``options`` are its mount options, one key and value each."""
+        fs = self._libc.syscall(ctypes.c_long(self._nr["fsopen"]), fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
+        self._check(fs, fstype)
+        try:
+            for key, value in options.items():
+                ret = self._libc.syscall(ctypes.c_long(self._nr["fsconfig"]), ctypes.c_int(fs),
+                                         ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(), value.encode(),
+                                         ctypes.c_int(0))
+                self._check(ret, f"{fstype} {key}={value}")
+            ret = self._libc.syscall(ctypes.c_long(self._nr["fsconfig"]), ctypes.c_int(fs),
+                                     ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+            self._check(ret, fstype)
+            ret = self._libc.syscall(ctypes.c_long(self._nr["fsmount"]), ctypes.c_int(fs),
+                                     ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attributes))
+            self._check(ret, fstype)
+            return int(ret)
+        finally:
+            os.close(fs)
 
     def attach_tree(self, tree: int, target: str) -> None:
         """Mount a detached tree (from :meth:`clone_tree`) at ``target`` (``move_mount``)."""

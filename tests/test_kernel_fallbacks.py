@@ -1,0 +1,119 @@
+"""What jails do on a kernel without a feature, made real on this one: the feature's system call
+answered ENOSYS by a seccomp filter on the process, which is what an older kernel answers (and
+what a container runtime's profile answers for calls newer than itself). The kernel guests run
+the same tests on the old kernel itself (scripts/kernel-guest --kernel 5.10)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import needs_jail
+from conftest import root_mode
+from conftest import tree_digest
+
+pytestmark = needs_jail
+
+#: Installs a filter that answers ENOSYS to the system calls numbered in ``NO`` (x86_64, aarch64:
+#: mount_setattr is 442 on both); everything else is allowed.
+WITHOUT = textwrap.dedent("""
+    import ctypes, struct
+    from pytest_jail._linux.syscalls import Syscalls
+    code = [(0x20, 0, 0, 0)]                      # load the system call number
+    for nr in NO:
+        code += [(0x15, 0, 1, nr), (0x06, 0, 0, 0x50000 | 38)]  # equal: return ENOSYS
+    code.append((0x06, 0, 0, 0x7FFF0000))          # allow
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)       # PR_SET_NO_NEW_PRIVS
+    Syscalls().install_filter(b"".join(struct.pack("<HBBI", *c) for c in code), listener=False)
+""")
+MOUNT_SETATTR = 442
+
+#: Prints, as JSON, the options of each mount a jail's process can reach (the topmost at each
+#: mount point it can see: one behind a directory it cannot search is out of its reach either
+#: way), and what writing to the host's /etc and to the jail's /tmp did.
+INSIDE = textwrap.dedent("""
+    import json, os
+    tops = {}
+    for line in open("/proc/self/mountinfo"):
+        point, options = line.split()[4:6]
+        if os.path.lexists(point):
+            tops[point] = ",".join(o for o in options.split(",") if o in ("ro", "rw", "nosuid", "nodev", "noexec"))
+    def write(path):
+        try:
+            open(path, "w").close()
+            return "wrote"
+        except OSError as exc:
+            return exc.strerror
+    print(json.dumps({"mounts": tops, "etc": write("/etc/.pytest-jail-probe"), "tmp": write("/tmp/x")}))
+""")
+MOUNTS = f"import sys\nfrom pytest_jail import Jail\nprint(Jail().run([sys.executable, '-c', {INSIDE!r}], check=True).stdout)"
+
+
+def _run(code: str, *, without: tuple[int, ...] = ()) -> str:
+    prefix = f"NO = {list(without)}\n" + WITHOUT if without else ""
+    done = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_without_mount_setattr_the_host_view_is_as_read_only() -> None:
+    """Each mount remounted on its own gives the jail the same view, mount by mount, as
+    mount_setattr on the whole tree: read-only, no set-uid programs, no devices."""
+    with_it = json.loads(_run(MOUNTS))
+    without = json.loads(_run(MOUNTS, without=(MOUNT_SETATTR,)))
+    assert without["mounts"]["/"].startswith("ro,"), without
+    assert without["etc"] == "Read-only file system", without
+    assert without["tmp"] == "wrote", without
+    assert without["mounts"] == with_it["mounts"]
+
+
+def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pytester: pytest.Pytester) -> None:
+    """A test body's tmp_path, under a read-only exposure, is made writable as the body enters:
+    by a bind remounted writable where there is no mount_setattr."""
+    jailed_pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.jail
+        def test_body(tmp_path):
+            (tmp_path / "kept").write_text("x")
+            with pytest.raises(OSError, match="Read-only file system"):
+                open("/etc/.pytest-jail-probe", "w")
+    """))
+    code = f"import sys, pytest\nsys.exit(pytest.main(['-p', 'no:cacheprovider', {str(jailed_pytester.path)!r}]))"
+    prefix = f"NO = [{MOUNT_SETATTR}]\n" + WITHOUT
+    done = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, timeout=120,
+                          cwd=jailed_pytester.path)
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_doctor_says_how_the_host_view_is_made_without_mount_setattr() -> None:
+    code = "from pytest_jail._doctor import examine, render\nprint(render(examine())[0])"
+    report = _run(code, without=(MOUNT_SETATTR,))
+    assert "ok  read-only host view: each mount remounted read-only (this kernel has no mount_setattr" in report
+
+
+@root_mode
+def test_an_overlay_made_by_the_parent_keeps_the_rootfs_unchanged(busybox_rootfs: str) -> None:
+    """Root mode where a user namespace may not mount overlayfs (before Linux 5.11): the host's root
+    makes the overlay as a detached mount and the jail attaches it. Its writes go to the layer,
+    never to the rootfs. (The kernel is asked to do it for real; only
+    the choice is forced here, as that kernel's trial would make it: the 5.10 guest runs the
+    rootfs tests with it chosen by the kernel.)"""
+    before = tree_digest(busybox_rootfs)
+    code = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("ignore")
+        from pytest_jail import _jail, Jail, JailSpec
+        _jail.overlay_by_parent = lambda root_map: root_map
+        script = ("echo new > /made && cat /made && (echo changed 2>/dev/null > /etc/marker || echo refused);"
+                  " grep ' / / ' /proc/self/mountinfo")
+        print(Jail(JailSpec(rootfs={busybox_rootfs!r})).run(["sh", "-c", script], check=True).stdout)
+    """)
+    out = _run(code)
+    # the jail's root owns / (the layer's root), not the rootfs's files: no id-mapped mounts there
+    assert out.startswith("new\nrefused\n"), out
+    assert "overlay" in out.splitlines()[2], out
+    assert tree_digest(busybox_rootfs) == before
