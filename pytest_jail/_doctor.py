@@ -13,6 +13,7 @@ from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailUnavailableError
 from ._probe import CONTAINER_REMEDY
+from ._probe import overlay_by_parent
 from ._probe import probe_host
 from ._probe import try_in_namespaces
 from ._view import ROOT_MAP_BASE
@@ -53,9 +54,14 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
         found.append(_finding("read-only host view", tried.get("mount_setattr"), True,
                               "mount_setattr works (Linux 5.12)",
                               "mount_setattr is refused: " + CONTAINER_REMEDY))
-    found.append(_finding("rootfs jails", tried.get("overlay"), rootfs, "overlayfs mounts in a user namespace",
-                          "this kernel refuses overlayfs in a user namespace (before Linux 5.11) or lacks it: "
-                          "upgrade to 5.11 or newer, or modprobe overlay"))
+    if overlay_by_parent(root):
+        found.append(Finding("rootfs jails", True, "this kernel refuses overlayfs in a user namespace (before Linux "
+                             "5.11): the host's root makes each jail's overlay, its layer on disk under the cache",
+                             needed=rootfs))
+    else:
+        found.append(_finding("rootfs jails", tried.get("overlay"), rootfs, "overlayfs mounts in a user namespace",
+                              "this kernel refuses overlayfs in a user namespace (before Linux 5.11) or lacks it: "
+                              "upgrade to 5.11 or newer (or run as root), or modprobe overlay"))
     xattrs = tried.get("xattr") == "ok"
     found.append(Finding("tmpfs user xattrs", True if xattrs else None, "overlayfs keeps a rootfs jail's bookkeeping "
                          "in its tmpfs layer (Linux 6.6)" if xattrs else f"none on this kernel's tmpfs (before Linux "

@@ -260,9 +260,12 @@ class Jail:
         defer_map: bool = False,
     ) -> Supervisor:
         layer = self.layer if rootfs is not None else None
-        scratch = None  # a layer on disk that goes with the jail (an old kernel's tmpfs keeps no xattrs)
-        by_parent = rootfs is not None and overlay_by_parent(root_map)  # (trusted.* xattrs: tmpfs has them)
-        if rootfs is not None and layer is None and not by_parent and try_in_namespaces().get("xattr", "ok") != "ok":
+        # A layer on disk that goes with the jail: where an old kernel's tmpfs keeps no xattrs, and
+        # where the parent makes the overlay (before 5.11, overlayfs takes no upper layer on a
+        # detached tmpfs: it must be in the parent's mount namespace, and the host's is not ours).
+        scratch = None
+        by_parent = rootfs is not None and overlay_by_parent(root_map)
+        if rootfs is not None and layer is None and (by_parent or try_in_namespaces().get("xattr", "ok") != "ok"):
             scratch = layer = host().disk_layer(ROOT_MAP_BASE if root_map else None)
         record = _records(spec)
         plan = self._plan(spec, rootfs, exposures, root_map, layer)
@@ -371,7 +374,7 @@ class Jail:
                 os.close(fd)
         userns = f"/proc/{run.pid}/ns/user"
         if rootfs is not None and run.overlay_by_parent:
-            tree: int | None = overlay_tree(rootfs, run.layer, run.overlay_size)
+            tree: int | None = overlay_tree(rootfs, run.layer, run.overlay_size, run.launch.plan if run.launch else [])
         else:
             tree = None if rootfs is None else idmapped_tree(rootfs, userns)
         trees = [idmapped_tree(path, userns, quiet=True) for path in run.launch.mapped] if run.launch else []

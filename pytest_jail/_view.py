@@ -11,6 +11,7 @@ import pwd
 import stat
 import sys
 import warnings
+from collections.abc import Sequence
 from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 from typing import Any
 
@@ -25,6 +26,7 @@ from ._linux.mounts import CgroupMount
 from ._linux.mounts import Exposure
 from ._linux.mounts import cgroup_mounts
 from ._linux.mounts import closed_ancestors
+from ._linux.mounts import make_mount_points
 from ._linux.mounts import plan_mounts
 from ._linux.net import Attachment
 from ._linux.syscalls import MOUNT_ATTR_NODEV
@@ -318,11 +320,12 @@ def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | Non
     return tree
 
 
-def overlay_tree(rootfs: str, layer: str | None, size: int | None) -> int:
+def overlay_tree(rootfs: str, layer: str | None, size: int | None, plan: Sequence[Any]) -> int:
     """Root mode on a kernel that refuses overlayfs in a user namespace (before Linux 5.11): the
     jail's root filesystem, the rootfs under a fresh writable layer, made here by the host's root
     as a detached mount the helper attaches. Such a kernel cannot id-map either: the jail's root
-    does not own the rootfs's files (it owns ``/`` itself, the layer's root)."""
+    does not own the rootfs's files (it owns ``/`` itself, the layer's root): the mount points
+    ``plan`` makes in them are made here."""
     _warn_not_idmapped(rootfs, "no id-mapped mounts before Linux 5.12")
     attributes = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
     lower = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -338,8 +341,10 @@ def overlay_tree(rootfs: str, layer: str | None, size: int | None) -> int:
         os.chmod(upper, os.stat(lower).st_mode & 0o7777)
         os.chown(upper, ROOT_MAP_BASE, ROOT_MAP_BASE)
         # Paths through descriptors: a comma or colon in the user's path cannot break the options.
-        return _syscalls().new_mount("overlay", {"lowerdir": f"/proc/self/fd/{lower}", "upperdir": upper,
+        tree = _syscalls().new_mount("overlay", {"lowerdir": f"/proc/self/fd/{lower}", "upperdir": upper,
                                                  "workdir": os.path.join(layer, "work")}, attributes)
+        make_mount_points(_syscalls(), tree, plan)
+        return tree
     except OSError as exc:
         detail = f"{exc.strerror} during overlay of {rootfs} (made by the host's root)"
         raise JailSetupError("overlay", exc.errno, detail, rootfs) from None

@@ -117,3 +117,24 @@ def test_an_overlay_made_by_the_parent_keeps_the_rootfs_unchanged(busybox_rootfs
     assert out.startswith("new\nrefused\n"), out
     assert "overlay" in out.splitlines()[2], out
     assert tree_digest(busybox_rootfs) == before
+
+
+@root_mode
+def test_a_test_body_runs_in_an_overlay_made_by_the_parent(jailed_pytester: pytest.Pytester) -> None:
+    """A marked test in a busybox rootfs needs this interpreter's directories as mount points in
+    directories the jail's root does not own there (no id-mapped mounts): the host's root makes
+    them in the overlay it made."""
+    jailed_pytester.makepyfile(textwrap.dedent("""
+        import os
+        import pytest
+
+        @pytest.mark.jail(rootfs="busybox")
+        def test_body(tmp_path):
+            (tmp_path / "kept").write_text("x")
+            assert os.path.exists("/bin/busybox")
+    """))
+    code = ("import sys, pytest\nfrom pytest_jail import _jail\n_jail.overlay_by_parent = lambda root_map: root_map\n"
+            f"sys.exit(pytest.main(['-p', 'no:cacheprovider', '-W', 'ignore', {str(jailed_pytester.path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=jailed_pytester.path)
+    assert "1 passed" in done.stdout, done.stdout + done.stderr

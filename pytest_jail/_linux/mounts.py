@@ -637,3 +637,36 @@ class Executor:
                 os.write(fd, text.encode())
             finally:
                 os.close(fd)
+
+
+class _MountPoints(Executor):
+    """The directories and files a plan makes in its new root, made in a tree held by descriptor
+    (``root``), resolved inside it as the executor resolves them in the new root."""
+
+    def __init__(self, sys: Syscalls, root: int) -> None:
+        super().__init__(sys)
+        self.root = root
+
+    def _open(self, path: str, *, directory: bool = False) -> int:
+        if not _under(path, NEW):
+            raise OSError(errno.EINVAL, "not in the new root", path)
+        flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+        return self.sys.openat2(self.root, path[len(NEW):].lstrip("/") or ".", flags,
+                                RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+
+    def mkdir(self, path: str) -> None:
+        if path != NEW:
+            super().mkdir(path)
+
+
+def make_mount_points(sys: Syscalls, root: int, plan: Iterable[Op]) -> None:
+    """Make ahead, in the tree at ``root``, the mount points ``plan`` makes in its new root: for an
+    overlay the parent made (root mode before Linux 5.11), whose directories the jail's root does
+    not own (no id-mapped mounts there). Each one that fails is left for the jail to report."""
+    maker = _MountPoints(sys, root)
+    for op in plan:
+        if op[0] in ("mkdir", "mkdir_p", "touch", "touch_p") and _under(op[1], NEW) and op[1] != NEW:
+            try:
+                getattr(maker, op[0])(op[1])
+            except OSError:
+                pass
