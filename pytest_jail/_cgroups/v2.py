@@ -44,7 +44,11 @@ class V2Group:
         peak_file = os.path.join(self.path, "memory.peak")  # Linux 5.19
         peak = int(read(peak_file)) if os.path.exists(peak_file) else None
         usec = keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
-        oom = keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0)
+        events = keyed(os.path.join(self.path, "memory.events"))
+        oom = events.get("oom_kill", 0)
+        if peak is None and oom and events.get("max", 0):  # before 5.19: killed where it reached its own limit
+            limit = read(os.path.join(self.path, "memory.max")).strip()
+            peak = int(limit) if limit.isdigit() else None
         denied = keyed(os.path.join(self.path, "pids.events")).get("max", 0)
         return Usage(peak, None if usec is None else usec / 1e6, oom, denied)
 
