@@ -509,6 +509,9 @@ class _Accounting:
         for key, title in (("jail_peak_memory", "peak memory"), ("jail_cpu_time", "CPU time")):
             rows = sorted((r for r in self.rows if r[1].get(key) is not None), key=lambda r: -float(r[1][key]))
             terminalreporter.write_line(f"{title}:")
+            if not rows:
+                terminalreporter.write_line("  not kept by this kernel (cgroup v2 keeps a peak from Linux 5.19)"
+                                            if key == "jail_peak_memory" else "  none measured")
             for nodeid, usage in rows[:10]:
                 value = usage[key]
                 shown = format_size_rounded(int(value)) if key == "jail_peak_memory" else f"{float(value):.2f}s"

@@ -13,6 +13,7 @@ import pytest
 
 from pytest_jail._jail import uses_root_map
 from pytest_jail._probe import probe_host
+from pytest_jail._view import idmap_works
 
 _HOST = probe_host()
 
@@ -22,6 +23,14 @@ rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivilege
 needs_busybox = pytest.mark.skipif(
     shutil.which("busybox") is None, reason="needs a static busybox: apt-get install busybox-static"
 )
+
+
+def skip_unless_jail_root_owns(path: str) -> None:
+    """Root mode: skip where ``path`` cannot be shown id-mapped (a kernel before 5.12, NFS...):
+    the jail's root then does not own a rootfs's files there, they are read-only to it."""
+    if uses_root_map() and not idmap_works(path):
+        pytest.skip(f"root mode, and {path} cannot be id-mapped here (no mount_setattr before Linux 5.12, or its "
+                    "filesystem): the jail's root does not own the rootfs's files")
 
 
 @pytest.fixture

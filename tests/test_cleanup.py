@@ -73,7 +73,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _wait_until(predicate: object, timeout: float = 10.0) -> bool:
+def _wait_until(predicate: object, timeout: float = 60.0) -> bool:  # a bound, not a speed: emulated kernels are slow
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():  # type: ignore[operator]

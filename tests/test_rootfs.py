@@ -16,6 +16,7 @@ from conftest import needs_busybox
 from conftest import needs_jail
 from conftest import root_mode
 from conftest import rootless_mode
+from conftest import skip_unless_jail_root_owns
 from conftest import tree_digest
 
 from pytest_jail import Jail
@@ -110,6 +111,7 @@ def test_named_busybox_rootfs_ps_shows_only_the_jail(cache: Path) -> None:
 def test_rootfs_is_copy_on_write_and_never_changes(built: str) -> None:
     """A jail writes, deletes and chmods files all over the rootfs and sees its changes; the tree is
     byte-for-byte unchanged, and the next jail starts from the original again."""
+    skip_unless_jail_root_owns(built)
     before = tree_digest(built)
     script = (
         "echo new > /etc/new && cat /etc/new; rm /etc/hostname && echo removed; chmod 700 /bin && echo chmod; "
@@ -142,6 +144,7 @@ def test_root_owned_tree_belongs_to_the_jails_root(built: str) -> None:
 @needs_busybox
 def test_kept_layer_holds_what_the_jail_wrote(built: str, tmp_path: Path) -> None:
     """Jail(layer=DIR): the writable layer is a host directory, readable after the jail is gone."""
+    skip_unless_jail_root_owns(built)
     layer = tmp_path / "layer"
     layer.mkdir()
     if os.geteuid() == 0:
@@ -253,6 +256,7 @@ def test_keep_failed_keeps_the_layer_of_failed_tests_only(
 ) -> None:
     """--jail-keep-failed: a failed test's writes over its rootfs stay in pytest's temp dir, named
     in its report; a passing test's layer is removed; rootfs='busybox' works from a marker."""
+    skip_unless_jail_root_owns(str(cache.parent))
     jailed_pytester.makepyfile(
         test_layers="""
         import pytest
@@ -329,6 +333,7 @@ def test_a_directory_of_the_rootfs_can_be_replaced(busybox_rootfs: str) -> None:
     opaque in an xattr of the writable layer. Where the kernel's tmpfs keeps no user.* xattrs
     (before Linux 6.6: this failed with EIO on 6.1, the kernel-guest's 6.1) the layer is on disk
     instead, under the cache, and goes with the jail."""
+    skip_unless_jail_root_owns(busybox_rootfs)
     from pytest_jail._probe import try_in_namespaces
 
     script = "rm -rf /etc && mkdir /etc && touch /etc/new && ls /etc"
