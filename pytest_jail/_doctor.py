@@ -13,6 +13,7 @@ from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailUnavailableError
 from ._probe import CONTAINER_REMEDY
+from ._probe import MASKED_REMEDY
 from ._probe import overlay_by_parent
 from ._probe import probe_host
 from ._probe import try_in_namespaces
@@ -46,6 +47,11 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
     found.append(_userns(tried))
     if "userns" in tried and tried["userns"] != "ok":
         return found + [Finding("everything else", None, "not tried: no jail can be made here")]
+    fresh = {name: tried.get(name) for name in ("proc", "sysfs")}
+    found.append(Finding("fresh /proc and /sys", all(v == "ok" for v in fresh.values()),
+                         "a jail mounts its own" if all(v == "ok" for v in fresh.values()) else
+                         "refused (" + ", ".join(f"{k}: {v or 'not tried'}" for k, v in fresh.items() if v != "ok")
+                         + "): this host's own are masked in part, as in a container", MASKED_REMEDY, needed=True))
     if tried.get("mount_setattr") == "ENOSYS":
         found.append(_finding("read-only host view", tried.get("remount"), True,
                               "each mount remounted read-only (this kernel has no mount_setattr, Linux 5.12)",

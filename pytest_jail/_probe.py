@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from posix import _exit  # the real one: coverage's patch=_exit would save from our children
 
@@ -85,8 +86,12 @@ def probe_host() -> HostSupport:
 
 
 #: What a container's "no" says to do.
-CONTAINER_REMEDY = ("run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
-                    "(Docker's default profile refuses unshare and mount), or run the tests on the host")
+CONTAINER_REMEDY = ("run the container with --security-opt seccomp=unconfined --security-opt systempaths=unconfined "
+                    "--security-opt apparmor=unconfined (Docker's default profile refuses unshare and mount; its "
+                    "masked /proc and /sys refuse fresh ones), or run the tests on the host")
+#: What a container's masked /proc or /sys says to do.
+MASKED_REMEDY = ("run the container with --security-opt systempaths=unconfined (podman: --security-opt unmask=ALL), "
+                 "or run the tests on the host")
 #: What an old kernel's "no" says to do.
 KERNEL_REMEDY = ("run on Linux 5.12 or newer (Debian 12, Ubuntu 22.04, RHEL 9, Amazon Linux 2023 and their "
                  "successors; see README, Supported kernels)")
@@ -105,6 +110,11 @@ def _syscalls() -> Syscalls:
 
 def _in_initial_user_namespace() -> bool:
     return (_read("/proc/self/uid_map") or "").split() == ["0", "0", "4294967295"]
+
+
+def _maps_host_root() -> bool:
+    """Whether this user namespace maps its uid 0 to the host's (proc(5): uid_map)."""
+    return any(line.split()[:2] == ["0", "0"] for line in (_read("/proc/self/uid_map") or "").splitlines())
 
 
 def _filtered() -> bool:
@@ -142,23 +152,26 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
                                         "raise user.max_user_namespaces (sysctl -w user.max_user_namespaces=15000)")
         return JailUnavailableError(
             f"this host refuses new namespaces (unshare: {error.detail}); typical inside a container "
-            "with the default seccomp profile",
-            "run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
-            "(or --privileged), or run the tests on the host",
-        )
+            "with the default seccomp profile", CONTAINER_REMEDY)
     if error.step == "user namespace id map":
+        if os.geteuid() == 0 and not _in_initial_user_namespace() and _maps_host_root():
+            return JailUnavailableError(
+                f"a jail in a jail may not map the host's uid 0 ({error.detail}): that needs CAP_SETFCAP over "
+                "the outer jail (Linux 5.12), whose root here is the host's root without CAP_SYS_ADMIN",
+                "run pytest as a user other than root (or as a root with CAP_SYS_ADMIN: root mode)")
         return JailUnavailableError(f"this host refuses to map ids in a user namespace ({error.detail})",
                                     "on Ubuntu 24.04: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
-    if error.step == "mount" and "proc" in error.detail:
+    fresh = re.search(r"during mount (proc|sysfs) ", error.detail)
+    if error.step == "mount" and fresh:
+        where = "/proc" if fresh.group(1) == "proc" else "/sys"
         return JailUnavailableError(
-            f"this host refuses to mount a fresh /proc ({error.detail}); /proc is masked, as in a container",
-            "run the container with --security-opt systempaths=unconfined (podman: --security-opt unmask=ALL)",
-        )
+            f"this host refuses to mount a fresh {where} ({error.detail}): its own {where} is masked in part, as in "
+            "a container, and the kernel then refuses a fresh one in a user namespace", MASKED_REMEDY)
     return None
 
 
-CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_REC, MS_PRIVATE, MS_RDONLY = 0x4000, 1 << 18, 0x1
 MOUNT_ATTR_RDONLY = 0x1
 
 
@@ -233,6 +246,28 @@ def _child_tries() -> dict[str, str]:
                        "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
 
     attempt("overlay", overlay)
+
+    def fresh_sysfs() -> None:  # a network namespace's own /sys, as a jail with its own network mounts it
+        syscalls.unshare(CLONE_NEWNET)
+        os.mkdir("/tmp/sys")
+        syscalls.mount("sysfs", "/tmp/sys", "sysfs", MS_RDONLY)
+
+    def fresh_proc() -> None:  # a pid namespace's own /proc: mounted by its first process (last: it is one-off)
+        syscalls.unshare(CLONE_NEWPID)
+        os.mkdir("/tmp/proc")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                syscalls.mount("proc", "/tmp/proc", "proc", 0)
+                _exit(0)
+            except OSError as exc:
+                _exit(exc.errno or 1)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            raise OSError(code, os.strerror(code))
+
+    attempt("sysfs", fresh_sysfs)
+    attempt("proc", fresh_proc)
     if not attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True)):
 
         def remount() -> None:  # what a jail does without mount_setattr

@@ -52,10 +52,26 @@ def in_initial_user_namespace() -> bool:
 
 
 def uses_root_map() -> bool:
-    """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids."""
+    """Root mode: real root in the initial user namespace maps the jail to unprivileged host ids.
+
+    A root without CAP_SYS_ADMIN (a container's, by default) cannot id-map a mount, make groups
+    or bridges: its jails run as those of any user do (rootless), as its own uid."""
     euid = os.geteuid()  # (asked per process: a jailed body is a fork in another user namespace)
-    root_map: bool = host().fact(("root map", euid), lambda: euid == 0 and in_initial_user_namespace())
+    root_map: bool = host().fact(("root map", euid),
+                                 lambda: euid == 0 and in_initial_user_namespace() and _has_sys_admin())
     return root_map
+
+
+def _has_sys_admin() -> bool:
+    """Whether CAP_SYS_ADMIN (21) is in this process's effective set (proc(5): CapEff)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return False
 
 
 def runtime_paths(*, imports_only: bool = False) -> list[str]:

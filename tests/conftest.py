@@ -13,11 +13,27 @@ import pytest
 
 from pytest_jail._jail import uses_root_map
 from pytest_jail._probe import probe_host
+from pytest_jail._probe import try_in_namespaces
 from pytest_jail._view import idmap_works
 
 _HOST = probe_host()
 
 needs_jail = pytest.mark.skipif(not _HOST.ok, reason=f"{_HOST.reason}; {_HOST.remedy}")
+
+
+def _rootfs_jails() -> str:
+    """Why rootfs jails cannot run here ("" if they can): a user namespace may not mount overlayfs
+    before Linux 5.11 (root mode has the host's root make the overlay)."""
+    if not _HOST.ok:
+        return f"{_HOST.reason}; {_HOST.remedy}"
+    refused = "" if uses_root_map() else try_in_namespaces().get("overlay", "ok")
+    return "" if refused in ("", "ok") else (
+        f"this kernel refuses overlayfs in a user namespace ({refused}; before Linux 5.11): rootless rootfs jails "
+        "error with that cause (run as root, or on 5.11 or newer)")
+
+
+_ROOTFS = _rootfs_jails()
+needs_rootfs_jail = pytest.mark.skipif(bool(_ROOTFS), reason=_ROOTFS)
 root_mode = pytest.mark.skipif(not uses_root_map(), reason="needs pytest to run as real root (root mode)")
 rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivileged user (rootless mode)")
 needs_busybox = pytest.mark.skipif(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_jail
+from conftest import needs_rootfs_jail
 from conftest import tree_digest
 
 from pytest_jail import Jail
@@ -21,7 +22,7 @@ from pytest_jail.rootfs import cache_dir
 from pytest_jail.rootfs import debootstrap
 from pytest_jail.rootfs._build import read_stamp
 
-pytestmark = [needs_jail, pytest.mark.debootstrap]
+pytestmark = [needs_jail, needs_rootfs_jail, pytest.mark.debootstrap]
 needs_debootstrap = [
     pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root"),
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="needs debootstrap: apt-get install debootstrap"),

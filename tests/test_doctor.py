@@ -50,7 +50,7 @@ def test_the_doctor_agrees_with_jails_on_this_kernel() -> None:
     """Each verdict is what a jail of that kind does here (on every kernel of the matrix: an old
     one says no, with the version that says yes, and its jails fail)."""
     lines, jails, out = _doctor()
-    host_view = lines["user namespaces"] == "ok" and lines["read-only host view"] == "ok"
+    host_view = all(lines[name] == "ok" for name in ("user namespaces", "fresh /proc and /sys", "read-only host view"))
     assert host_view == (jails["host view"] == "ok"), out
     if host_view:
         assert (lines["limits"] == "ok") == (jails["limits"] == "ok"), out
@@ -85,6 +85,17 @@ def test_a_namespace_limit_of_zero_is_named_with_its_sysctl() -> None:
     lines, jails, out = _doctor(prefix)
     assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
     assert "user.max_user_namespaces = 0" in out and "sysctl -w user.max_user_namespaces=" in out, out
+
+
+def test_a_masked_proc_is_named_with_the_container_flag() -> None:
+    """As in a container: a file of /proc covered by a mount (Docker covers /proc/keys, kcore...,
+    made real here in a user and mount namespace of the test's own). The kernel then refuses a
+    fresh /proc in a user namespace: the doctor says so with the flag; a jail fails with it."""
+    cover = 'for f in /proc/keys /proc/timer_list /proc/kcore; do [ -e $f ] && mount --bind /dev/null $f && break; done'
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", cover + ' && exec "$@"', "sh"]
+    lines, jails, out = _doctor(prefix)
+    assert lines["fresh /proc and /sys"] == "NO" and jails["host view"] == "fails", out
+    assert out.count("--security-opt systempaths=unconfined") >= 2 and "STATUS 1" in out, out
 
 
 def test_what_the_doctor_says_of_limits_is_what_a_limited_jail_does() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_busybox
-from conftest import needs_jail
+from conftest import needs_rootfs_jail
 from conftest import tree_digest
 
 from pytest_jail import Jail
@@ -112,7 +112,7 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path, layout: object) ->
     assert tree_digest(str(target)) == before
 
 
-@needs_jail
+@needs_rootfs_jail
 @needs_busybox
 def test_exported_busybox_image_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """`docker export` output (one plain tar of a tree) imports into a tree a jail runs, unchanged by it."""

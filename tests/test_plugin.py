@@ -6,6 +6,7 @@ import os
 
 import pytest
 from conftest import needs_jail
+from conftest import needs_rootfs_jail
 
 pytestmark = needs_jail
 
@@ -415,6 +416,7 @@ def test_host_without_user_namespaces_errors_or_skips(jailed_pytester: pytest.Py
     assert "jail unavailable: user namespaces are disabled" in out
 
 
+@needs_rootfs_jail
 def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootfs: str) -> None:
     """A body in rootfs=DIR sees that tree as / (via --jail-rootfs) under a writable layer, imports
     its modules and fails with a proper traceback, because the runtime and rootdir are bound in

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_busybox
 from conftest import needs_jail
+from conftest import needs_rootfs_jail
 from conftest import root_mode
 from conftest import rootless_mode
 from conftest import skip_unless_jail_root_owns
@@ -30,7 +31,7 @@ from pytest_jail.rootfs import busybox
 from pytest_jail.rootfs import named_rootfs
 from pytest_jail.rootfs._build import STAMP
 
-pytestmark = needs_jail
+pytestmark = [needs_jail, needs_rootfs_jail]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import needs_jail
+from conftest import needs_rootfs_jail
 from conftest import root_mode
 
 from pytest_jail import Jail
@@ -184,6 +185,7 @@ def test_launching_a_jail_keeps_what_other_threads_do_to_warning_filters(monkeyp
         assert len(warnings.filters) == before + 1  # ours came and went
 
 
+@needs_rootfs_jail
 def test_what_the_host_looked_like_is_not_cached_past_a_change(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch, busybox_rootfs: str
 ) -> None:

@@ -69,10 +69,7 @@ class Manager:
                 os.mkdir(path)
             except OSError:
                 self.close()
-                raise Unavailable(
-                    f"cannot create cgroups under {own} (v1 cgroups are not delegated to uid {os.geteuid()})",
-                    "run pytest as root for limits on a cgroup v1 host, or boot the host with cgroup v2",
-                ) from None
+                raise _not_writable(own, "v1") from None
             self.parents[controller] = path
 
     def _make_v2_parent(self) -> None:
@@ -91,10 +88,7 @@ class Manager:
             with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
                 f.write(_enable_line(self.layout))
         except OSError:
-            raise Unavailable(
-                f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
-                "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
-            ) from None
+            raise _not_writable(own, "v2") from None
         self.v2_parent = path
 
     def set_budget(self, memory: int | None) -> None:
@@ -221,6 +215,24 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
+def _not_writable(own: str, kind: str) -> Unavailable:
+    """Why groups cannot be made under ``own``: a read-only cgroup filesystem (a container's), or
+    a group this user was not given."""
+    try:
+        read_only = bool(os.statvfs(own).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return Unavailable(f"the cgroup filesystem at {own} is mounted read-only (a container's default)",
+                           "give the container a writable one (docker run -v /sys/fs/cgroup:/sys/fs/cgroup:rw, which "
+                           "shows it the host's groups), or run the tests on the host")
+    if kind == "v1":
+        return Unavailable(f"cannot create cgroups under {own} (v1 cgroups are not delegated to uid {os.geteuid()})",
+                           "run pytest as root for limits on a cgroup v1 host, or boot the host with cgroup v2")
+    return Unavailable(f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
+                       "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)")
+
+
 def limits_summary(made: Manager | None = None) -> str:
     """What the report header says about limits, found without creating anything (``made``: the
     process's manager, if a jail made it); raises :class:`Unavailable` with the reason a jail's
@@ -235,10 +247,7 @@ def limits_summary(made: Manager | None = None) -> str:
                               "mount them under /sys/fs/cgroup, or boot with cgroup v2")
         for controller, own in layout.v1.items():
             if controller in (*V1_CONTROLLERS, "cpu", "blkio") and not os.access(own, os.W_OK):
-                raise Unavailable(
-                    f"cannot create cgroups under {own} (v1 cgroups are not delegated to uid {os.geteuid()})",
-                    "run pytest as root for limits on a cgroup v1 host, or boot the host with cgroup v2",
-                )
+                raise _not_writable(own, "v1")
     elif layout.kind == "v2" and layout.v2 is not None:
         own = delegated_root(layout.v2)
         missing = [c for c in V2_CONTROLLERS if c not in layout.v2_controllers]
@@ -248,10 +257,7 @@ def limits_summary(made: Manager | None = None) -> str:
                 "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
             )
         if not os.access(own, os.W_OK):
-            raise Unavailable(
-                f"cannot create cgroups under {own} (not writable by uid {os.geteuid()})",
-                "run pytest in a delegated cgroup (systemd-run --user --scope -p Delegate=yes pytest ...)",
-            )
+            raise _not_writable(own, "v2")
         inner = os.path.exists(os.path.join(own, "cgroup.type"))  # (the root group may hold processes and give)
         if inner and not set(V2_CONTROLLERS) <= set(read(os.path.join(own, "cgroup.subtree_control")).split()):
             others = {int(p) for p in read(os.path.join(own, "cgroup.procs")).split()} - set(_session_members(own))
