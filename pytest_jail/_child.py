@@ -183,7 +183,7 @@ def helper_main(launch: Launch) -> NoReturn:
                     if exc.errno not in (errno.EROFS, errno.EACCES):  # (EACCES: Linux 5.10 says so)
                         raise
         with _step(launch, "session keyring"):
-            _join_fresh_keyring(launch.syscalls)  # the keys of pytest's session stay out of reach
+            join_fresh_keyring(launch.syscalls)  # the keys of pytest's session stay out of reach
         # A test body enters the jail later through these: our own namespaces, and the pid
         # namespace of our children, which can be opened only once there is one. Opened through a
         # descriptor of /proc/self/ns taken now: init's pivot_root is about to move our root too
@@ -508,7 +508,7 @@ def enter_body(entry: Entry) -> None:
                 entry.syscalls.attach_tree(tree, path)
             finally:
                 os.close(tree)
-        _join_fresh_keyring(entry.syscalls)  # before the filter, which refuses keyctl
+        join_fresh_keyring(entry.syscalls)  # before the filter, which refuses keyctl
         listener = None
         if entry.filter is not None:  # on this process: the body is born under it
             entry.syscalls.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -664,7 +664,8 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _join_fresh_keyring(syscalls: sc.Syscalls) -> None:
+def join_fresh_keyring(syscalls: sc.Syscalls) -> None:
+    """A new, empty session keyring: the keys of pytest's session stay out of a jail's reach."""
     try:
         syscalls.join_session_keyring()
     except OSError as exc:

@@ -47,6 +47,9 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
     found.append(_userns(tried))
     if "userns" in tried and tried["userns"] != "ok":
         return found + [Finding("everything else", None, "not tried: no jail can be made here")]
+    if tried.get("keyring", "ok") != "ok":
+        found.append(Finding("session keyring", False, f"a system call filter refuses keyctl ({tried['keyring']}): "
+                             "a container's seccomp profile", CONTAINER_REMEDY, needed=True))
     fresh = {name: tried.get(name) for name in ("proc", "sysfs")}
     found.append(Finding("fresh /proc and /sys", all(v == "ok" for v in fresh.values()),
                          "a jail mounts its own" if all(v == "ok" for v in fresh.values()) else
@@ -76,6 +79,7 @@ def examine(*, rootfs: bool = False, limits: bool = False, bridge: bool = False)
         found.append(_idmapped(tried))
     found.append(_limits(limits))
     found.append(_pidfd())
+    found.append(_recorder())
     found.append(_bridges(root, bridge))
     found.append(_rootfs_builders(root))
     return found
@@ -146,7 +150,23 @@ def _pidfd() -> Finding:
     return Finding("pidfd", True, "pidfd_open works")
 
 
+def _recorder() -> Finding:
+    """The recorder of blocked connections is a tun device in each jail without a network."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as exc:
+        return Finding("blocked-connection recorder", False, f"/dev/net/tun cannot be opened ({exc.strerror}): jails "
+                       "still have no network, but say nothing of what they tried to reach",
+                       "docker run --device /dev/net/tun (on a host: modprobe tun)")
+    return Finding("blocked-connection recorder", True, "/dev/net/tun opens: jails name what they tried to reach")
+
+
 def _bridges(root: bool, needed: bool) -> Finding:
+    if not root and os.geteuid() == 0:  # a container's root
+        return Finding("bridges", False, "net='bridge' needs a root with CAP_SYS_ADMIN and CAP_NET_ADMIN (veth pairs "
+                       "on the host); this one lacks CAP_SYS_ADMIN, as a container's root does",
+                       "docker run --cap-add SYS_ADMIN --cap-add NET_ADMIN, or run the tests on the host",
+                       needed=needed)
     if not root:
         return Finding("bridges", False, "net='bridge' needs pytest to run as root (veth pairs on the host)",
                        "run pytest as root for bridged jails; net='none' and 'host' work rootless", needed=needed)

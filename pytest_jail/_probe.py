@@ -11,6 +11,7 @@ from posix import _exit  # the real one: coverage's patch=_exit would save from 
 
 from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
+from ._child import join_fresh_keyring
 from ._child import write_own_map
 from ._errors import JailSetupError
 from ._errors import JailUnavailableError
@@ -153,6 +154,10 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
         return JailUnavailableError(
             f"this host refuses new namespaces (unshare: {error.detail}); typical inside a container "
             "with the default seccomp profile", CONTAINER_REMEDY)
+    if error.step == "session keyring":
+        return JailUnavailableError(
+            f"a system call filter refuses keyctl ({error.detail}), which a jail uses to leave pytest's keys "
+            "behind: a container's seccomp profile", CONTAINER_REMEDY)
     if error.step == "user namespace id map":
         if os.geteuid() == 0 and not _in_initial_user_namespace() and _maps_host_root():
             return JailUnavailableError(
@@ -266,6 +271,7 @@ def _child_tries() -> dict[str, str]:
         if code:
             raise OSError(code, os.strerror(code))
 
+    attempt("keyring", lambda: join_fresh_keyring(syscalls))  # (Docker's default profile refuses keyctl)
     attempt("sysfs", fresh_sysfs)
     attempt("proc", fresh_proc)
     if not attempt("mount_setattr", lambda: syscalls.mount_setattr("/tmp", MOUNT_ATTR_RDONLY, recursive=True)):

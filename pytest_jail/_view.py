@@ -441,6 +441,12 @@ def reserve_address(
 ) -> Attachment:
     """An address on a bridge segment; bridges need the host's root (their host side is in the
     host's network namespace)."""
+    if not root_map and os.geteuid() == 0:  # a container's root
+        raise JailUnavailableError(
+            f"net={segment!r} needs a root with CAP_SYS_ADMIN and CAP_NET_ADMIN (a bridge and veth pairs in the "
+            "host's network namespace); this one lacks CAP_SYS_ADMIN, as a container's root does",
+            "docker run --cap-add SYS_ADMIN --cap-add NET_ADMIN, or use net='none' with a server and its client in "
+            "one jail")
     if not root_map:
         raise JailUnavailableError(
             f"net={segment!r} needs pytest to run as root (a bridge and veth pairs in the host's network "

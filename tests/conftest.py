@@ -34,6 +34,18 @@ def _rootfs_jails() -> str:
 
 _ROOTFS = _rootfs_jails()
 needs_rootfs_jail = pytest.mark.skipif(bool(_ROOTFS), reason=_ROOTFS)
+
+
+def _tun_usable() -> bool:
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+        return True
+    except OSError:
+        return False
+
+
+needs_tun = pytest.mark.skipif(not _tun_usable(), reason="no usable /dev/net/tun (a container without --device "
+                               "/dev/net/tun): jails record no blocked connections here, as the doctor says")
 root_mode = pytest.mark.skipif(not uses_root_map(), reason="needs pytest to run as real root (root mode)")
 rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivileged user (rootless mode)")
 needs_busybox = pytest.mark.skipif(

@@ -50,7 +50,8 @@ def test_the_doctor_agrees_with_jails_on_this_kernel() -> None:
     """Each verdict is what a jail of that kind does here (on every kernel of the matrix: an old
     one says no, with the version that says yes, and its jails fail)."""
     lines, jails, out = _doctor()
-    host_view = all(lines[name] == "ok" for name in ("user namespaces", "fresh /proc and /sys", "read-only host view"))
+    host_view = all(lines.get(name, "ok") == "ok" for name in ("user namespaces", "session keyring", "fresh /proc and /sys",
+                                                                "read-only host view"))
     assert host_view == (jails["host view"] == "ok"), out
     if host_view:
         assert (lines["limits"] == "ok") == (jails["limits"] == "ok"), out
@@ -85,6 +86,22 @@ def test_a_namespace_limit_of_zero_is_named_with_its_sysctl() -> None:
     lines, jails, out = _doctor(prefix)
     assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
     assert "user.max_user_namespaces = 0" in out and "sysctl -w user.max_user_namespaces=" in out, out
+
+
+def test_a_filter_that_refuses_keyctl_is_named_with_the_container_flags() -> None:
+    """Docker's default profile refuses keyctl even where it allows namespaces (--cap-add SYS_ADMIN):
+    a filter that refuses only keyctl, made real on the process."""
+    setup = textwrap.dedent("""
+        import ctypes, struct
+        from pytest_jail._linux.syscalls import Syscalls
+        nr = Syscalls()._nr["keyctl"]
+        code = [(0x20, 0, 0, 0), (0x15, 0, 1, nr), (0x06, 0, 0, 0x50000 | 1), (0x06, 0, 0, 0x7FFF0000)]
+        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+        Syscalls().install_filter(b"".join(struct.pack("<HBBI", *c) for c in code), listener=False)
+    """)
+    lines, jails, out = _doctor(setup=setup)
+    assert lines["session keyring"] == "NO" and jails["host view"] == "fails", out
+    assert "refuses keyctl" in out and out.count("--security-opt seccomp=unconfined") >= 2 and "STATUS 1" in out, out
 
 
 def test_a_masked_proc_is_named_with_the_container_flag() -> None:

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from conftest import needs_jail
+from conftest import needs_tun
 from conftest import root_mode
 from conftest import rootless_mode
 
@@ -115,6 +116,7 @@ def test_writable_exposure(tmp_path: os.PathLike[str]) -> None:
     assert open(os.path.join(path, "out")).read() == "hi\n"
 
 
+@needs_tun
 def test_net_none_has_only_loopback_and_cannot_reach_host_loopback() -> None:
     """net='none': only lo, up (and blocked0, the recorder, with no other end); a server on the
     host's 127.0.0.1 is unreachable."""

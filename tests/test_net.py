@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_busybox
 from conftest import needs_jail
+from conftest import needs_tun
 from conftest import root_mode
 from conftest import rootless_mode
 
@@ -243,6 +244,7 @@ def test_nat_and_allow_need_a_bridge() -> None:
     assert JailSpec(net="bridge", allow=["10.1.2.3:5432", "10.0.0.0/8"]).allow == ("10.1.2.3/32:5432", "10.0.0.0/8")
 
 
+@needs_tun
 def test_blocked_attempts_of_a_c_program_are_recorded() -> None:
     """net='none': a connect by a C program (busybox nc) and a name lookup by Python fail at once,
     as without a network, and the result names both; nothing reaches any host interface (the
@@ -261,12 +263,14 @@ def test_blocked_attempts_of_a_c_program_are_recorded() -> None:
         "network access blocked: tcp 93.184.216.34:443, dns example.com")
 
 
+@needs_tun
 def test_host_network_records_nothing() -> None:
     """net='host' is the host's own network: nothing is recorded (None, not an empty list)."""
     assert Jail().run(["true"], net="host").blocked is None
     assert Jail().run(["true"]).blocked == []
 
 
+@needs_tun
 def test_report_names_what_a_body_tried_to_reach(jailed_pytester: pytest.Pytester) -> None:
     """A jailed body that phones home: its failure starts with what the jail blocked, and a
     passing test's report carries the same section (shown with -rA)."""

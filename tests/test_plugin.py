@@ -7,6 +7,7 @@ import os
 import pytest
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
+from conftest import needs_tun
 
 pytestmark = needs_jail
 
@@ -287,6 +288,7 @@ def test_bad_cli_and_ini_values(jailed_pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["ERROR: --jail-unavailable: 'maybe' is not allowed; allowed: fail, skip"])
 
 
+@needs_tun
 def test_precedence_marker_over_cli_over_ini(jailed_pytester: pytest.Pytester) -> None:
     """marker > CLI > ini for every setting (shown with net, through the visible links)."""
     jailed_pytester.makeini("[pytest]\njail_net = host\n")

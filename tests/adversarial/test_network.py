@@ -46,7 +46,8 @@ def test_sys_class_net_lists_only_the_jails_devices() -> None:
     """The jail's /sys is a sysfs of its own network namespace: the host's interfaces (their
     names, addresses, statistics) are not listed; with net="host" the host's are, read-only."""
     host = sorted(os.listdir("/sys/class/net"))
-    assert _python("import os; print(sorted(os.listdir('/sys/class/net')))") == "['blocked0', 'lo']"
+    listed = _python("import os; print(sorted(os.listdir('/sys/class/net')))")
+    assert listed in ("['blocked0', 'lo']", "['lo']")  # (no recorder where /dev/net/tun is missing)
     shared = _python("import os; print(sorted(os.listdir('/sys/class/net')))", JailSpec(net="host"))
     assert shared == str(host)
     assert sorted(os.listdir("/sys/class/net")) == host
