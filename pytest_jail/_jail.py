@@ -48,6 +48,7 @@ from ._supervisor import returncode
 from ._view import ROOT_MAP_BASE
 from ._view import ROOT_MAP_SIZE
 from ._view import bind_sources
+from ._view import check_layer
 from ._view import check_readable_by_jail
 from ._view import idmapped_tree
 from ._view import jail_cwd
@@ -267,6 +268,8 @@ class Jail:
         by_parent = rootfs is not None and overlay_by_parent(root_map)
         if rootfs is not None and layer is None and (by_parent or try_in_namespaces().get("xattr", "ok") != "ok"):
             scratch = layer = host().disk_layer(ROOT_MAP_BASE if root_map else None)
+        if layer is not None:
+            check_layer(layer)
         record = _records(spec)
         plan = self._plan(spec, rootfs, exposures, root_map, layer)
         group = cgroup_for(spec, exposures)

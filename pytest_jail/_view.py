@@ -370,6 +370,32 @@ def overlay_tree(rootfs: str, layer: str | None, size: int | None, plan: Sequenc
                 os.close(fd)
 
 
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem ``path`` is on (the deepest mount above it in mountinfo)."""
+    real = os.path.realpath(path)
+    found, depth = None, -1
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                before, _, after = line.partition(" - ")
+                point = before.split()[4].replace("\\040", " ")
+                if _is_under(real, point) and len(point) >= depth:
+                    found, depth = after.split()[0], len(point)
+    except (OSError, IndexError):
+        return None
+    return found
+
+
+def check_layer(layer: str) -> None:
+    """A writable layer's directory must not be on overlayfs, which refuses an upper layer there."""
+    if filesystem_type(layer) == "overlay":
+        raise JailUnavailableError(
+            f"a rootfs jail's writable layer would be in {layer}, on overlayfs (a container's own root?), which "
+            "overlayfs cannot take as an upper layer",
+            "put it on a volume or a tmpfs: the cache with XDG_CACHE_HOME (docker run -v cache:/cache -e "
+            "XDG_CACHE_HOME=/cache), kept layers with pytest's --basetemp")
+
+
 def idmap_works(path: str) -> bool:
     """Root mode: can the filesystem of ``path`` be shown id-mapped (probed once per filesystem
     with a throwaway user namespace; the kernel's answer, not its version)?"""

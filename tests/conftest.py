@@ -14,6 +14,7 @@ import pytest
 from pytest_jail._jail import uses_root_map
 from pytest_jail._probe import probe_host
 from pytest_jail._probe import try_in_namespaces
+from pytest_jail._view import filesystem_type
 from pytest_jail._view import idmap_works
 
 _HOST = probe_host()
@@ -59,6 +60,13 @@ def skip_unless_jail_root_owns(path: str) -> None:
     if uses_root_map() and not idmap_works(path):
         pytest.skip(f"root mode, and {path} cannot be id-mapped here (no mount_setattr before Linux 5.12, or its "
                     "filesystem): the jail's root does not own the rootfs's files")
+
+
+def skip_if_on_overlayfs(path: str) -> None:
+    """A writable layer kept in ``path`` cannot be on overlayfs (a container's root): the jail
+    refuses it with that cause; the test has nothing else to show there."""
+    if filesystem_type(path) == "overlay":
+        pytest.skip(f"{path} is on overlayfs (a container's root): a writable layer cannot be kept there")
 
 
 @pytest.fixture

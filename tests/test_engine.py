@@ -189,11 +189,11 @@ def test_missing_command_is_a_setup_error() -> None:
 
 def test_timeout_kills_a_sigterm_ignoring_tree() -> None:
     """The wall-clock limit kills the whole jail, even processes that ignore SIGTERM."""
-    result = Jail().run(["sh", "-c", "trap '' TERM; (trap '' TERM; sleep 60) & echo started; sleep 60"], timeout=0.5)
+    result = Jail().run(["sh", "-c", "trap '' TERM; (trap '' TERM; sleep 60) & echo started; sleep 60"], timeout=2.5)
     assert result.timed_out and result.returncode == -9
-    assert result.stdout == "started\n"
+    assert result.stdout == "started\n"  # (2.5 s: a loaded CI machine starts the shell late)
     assert result.duration < 30
-    assert "timed out after 0.5s" in result.verdict()
+    assert "timed out after 2.5s" in result.verdict()
 
 
 def test_daemon_dies_with_the_jail() -> None:
@@ -255,7 +255,10 @@ def test_no_way_to_undo_the_jail() -> None:
     # Docker's default set less NET_RAW as the jail's root; rootless, the user's none
     assert bounding == sum(1 << cap for cap in (PAYLOAD_CAPABILITIES if uses_root_map() else ()))
     assert not bounding & (1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH)
-    assert "nested-umount-refused" in result.stdout and "nested-ro" in result.stdout
+    if os.geteuid() == 0 and not uses_root_map():  # a container's root: a nested namespace may not map it
+        assert "uid_map" in result.stderr or "nested-umount-refused" in result.stdout, result.stderr
+    else:
+        assert "nested-umount-refused" in result.stdout and "nested-ro" in result.stdout
     assert int(lines[-2]) < 10  # /proc is still the jail's own
     # util-linux's words, busybox's, and util-linux's as a user where there is no /etc/fstab
     refusals = ("must be superuser", "permission denied", "operation not permitted", "umount failed")

@@ -6,6 +6,7 @@ the same tests on the old kernel itself (scripts/kernel-guest --kernel 5.10)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -138,3 +139,37 @@ def test_a_test_body_runs_in_an_overlay_made_by_the_parent(jailed_pytester: pyte
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=jailed_pytester.path)
     assert "1 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_layer_on_overlayfs_is_refused_with_the_cause(busybox_rootfs: str, tmp_path: os.PathLike[str]) -> None:
+    """As in a container whose root is overlayfs: a writable layer kept there would make the
+    overlay mount fail with EINVAL; the jail says why and where to put it instead. (An overlay
+    made here as the place: a user and mount namespace of the test's own.)"""
+    code = textwrap.dedent(f"""
+        import os, subprocess, sys
+        base = {str(tmp_path)!r}
+        for name in ("lower", "upper", "work", "merged"):
+            os.mkdir(os.path.join(base, name))
+        from pytest_jail import Jail, JailSpec, JailUnavailableError
+        from pytest_jail._linux.syscalls import Syscalls
+        if os.geteuid() == 0:  # a mount namespace of its own
+            Syscalls().unshare(0x00020000)
+            Syscalls().mount(None, "/", None, 0x4000 | 1 << 18)
+            options = ""
+        else:  # ...in a user namespace of its own
+            uid, gid = os.geteuid(), os.getegid()
+            Syscalls().unshare(0x10000000 | 0x00020000)
+            open("/proc/self/setgroups", "w").write("deny")
+            open("/proc/self/uid_map", "w").write(f"{{uid}} {{uid}} 1")
+            open("/proc/self/gid_map", "w").write(f"{{gid}} {{gid}} 1")
+            options = ",userxattr"
+        Syscalls().mount("overlay", base + "/merged", "overlay", 0,
+                         f"lowerdir={{base}}/lower,upperdir={{base}}/upper,workdir={{base}}/work" + options)
+        os.mkdir(base + "/merged/layer")
+        try:
+            Jail(JailSpec(rootfs={busybox_rootfs!r}), layer=base + "/merged/layer").run(["true"])
+        except JailUnavailableError as exc:
+            print(exc)
+    """)
+    out = _run(code)
+    assert "on overlayfs" in out and "XDG_CACHE_HOME" in out, out

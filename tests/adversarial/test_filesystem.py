@@ -17,6 +17,7 @@ from attack import untouched
 from pytest_jail import Jail
 from pytest_jail import JailError
 from pytest_jail import JailSpec
+from pytest_jail._view import uses_root_map
 
 pytestmark = needs_jail
 
@@ -33,7 +34,11 @@ def test_init_descriptors_lead_nowhere(tmp_path: os.PathLike[str]) -> None:
         result = Jail().run(["sh", "-c", attack])
     finally:
         os.close(held)
-    assert "ESCAPED" not in result.stdout and "Permission denied" in result.stdout
+    assert "ESCAPED" not in result.stdout
+    if not (os.geteuid() == 0 and not uses_root_map()):
+        # (a container's root runs its jails as uid 0: init's fd list is its own to read, the
+        # descriptors, of a process that cannot be traced, still lead nowhere)
+        assert "Permission denied" in result.stdout
     assert not os.path.exists(f"/tmp/{target}")
 
 
