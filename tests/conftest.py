@@ -47,6 +47,10 @@ def _tun_usable() -> bool:
 
 needs_tun = pytest.mark.skipif(not _tun_usable(), reason="no usable /dev/net/tun (a container without --device "
                                "/dev/net/tun): jails record no blocked connections here, as the doctor says")
+#: A root without CAP_SYS_ADMIN (a container's): its jails run as uid 0, rootless.
+CONTAINER_ROOT = os.geteuid() == 0 and not uses_root_map()
+NO_NESTED_ROOT = ("a container's root runs its jails as the host's uid 0, which a jail in a jail may not map "
+                  "(CAP_SETFCAP, Linux 5.12): that jail errors with this cause")
 root_mode = pytest.mark.skipif(not uses_root_map(), reason="needs pytest to run as real root (root mode)")
 rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivileged user (rootless mode)")
 needs_busybox = pytest.mark.skipif(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONTAINER_ROOT
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
 from conftest import tree_digest
@@ -44,6 +45,8 @@ def debian() -> str:
 
 @needs_debootstrap[0]
 @needs_debootstrap[1]
+@pytest.mark.skipif(CONTAINER_ROOT, reason="a container's root maps only its own uid into its jails: what the tree "
+                    "gives other ids (the shadow group's files) cannot be changed there (EOVERFLOW)")
 def test_debian_tree_runs_and_is_left_unchanged(debian: str) -> None:
     """A jail in the Debian tree runs dpkg and apt as its root, removes half the system, and the
     tree is byte-for-byte the same afterwards."""

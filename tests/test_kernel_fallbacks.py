@@ -16,6 +16,8 @@ from conftest import needs_jail
 from conftest import root_mode
 from conftest import tree_digest
 
+from pytest_jail._view import uses_root_map
+
 pytestmark = needs_jail
 
 #: Installs a filter that answers ENOSYS to the system calls numbered in ``NO`` (x86_64, aarch64:
@@ -152,7 +154,7 @@ def test_a_layer_on_overlayfs_is_refused_with_the_cause(busybox_rootfs: str, tmp
             os.mkdir(os.path.join(base, name))
         from pytest_jail import Jail, JailSpec, JailUnavailableError
         from pytest_jail._linux.syscalls import Syscalls
-        if os.geteuid() == 0:  # a mount namespace of its own
+        if {uses_root_map()}:  # a mount namespace of its own
             Syscalls().unshare(0x00020000)
             Syscalls().mount(None, "/", None, 0x4000 | 1 << 18)
             options = ""

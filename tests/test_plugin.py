@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import CONTAINER_ROOT
+from conftest import NO_NESTED_ROOT
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
 from conftest import needs_tun
@@ -209,6 +211,7 @@ def test_tmp_path_writable_and_host_read_only(jailed_pytester: pytest.Pytester) 
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.skipif(CONTAINER_ROOT, reason=NO_NESTED_ROOT)
 def test_jail_fixture_unjailed_and_jailed(jailed_pytester: pytest.Pytester) -> None:
     """jail.run works in a plain test and inside a jailed body; string argv is refused."""
     jailed_pytester.makepyfile(
