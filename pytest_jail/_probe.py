@@ -94,7 +94,7 @@ CONTAINER_REMEDY = ("run the container with --security-opt seccomp=unconfined --
 MASKED_REMEDY = ("run the container with --security-opt systempaths=unconfined (podman: --security-opt unmask=ALL), "
                  "or run the tests on the host")
 #: What an old kernel's "no" says to do.
-KERNEL_REMEDY = ("run on Linux 5.12 or newer (Debian 12, Ubuntu 22.04, RHEL 9, Amazon Linux 2023 and their "
+KERNEL_REMEDY = ("run on Linux 5.10 or newer (Debian 11, Ubuntu 22.04, RHEL 9, Amazon Linux 2023 and their "
                  "successors; see README, Supported kernels)")
 
 
@@ -133,7 +133,8 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
     if refused_overlay and try_in_namespaces().get("overlay") not in (None, "ok"):
         return JailUnavailableError(
             f"this kernel (Linux {os.uname().release}) refuses overlayfs in a user namespace, which a rootfs's "
-            "writable layer needs (Linux 5.11)", KERNEL_REMEDY + "; jails in the host view (rootfs=None) work here")
+            "writable layer needs (Linux 5.11)", "run pytest as root (the host's root then makes the overlay), "
+            "or on Linux 5.11 or newer; jails in the host view (rootfs=None) work here")
     if error.step in ("mount", "overlay") and error.errno == errno.ENODEV and "overlay" in error.detail:
         return JailUnavailableError(
             "this kernel has no overlayfs, which a rootfs's writable layer needs (mount overlay: ENODEV)",

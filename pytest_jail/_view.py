@@ -202,8 +202,7 @@ def _cached_plan(
     key = (view, rootfs, exposures, closed, tmp_size, layer, scratch, hidden, resolv, cgroups, own_net, overlay_made)
     plan: list[Any] = host().plans.get(key, lambda reads: plan_mounts(
         rootfs, exposures, closed=closed, tmp_size=tmp_size, layer=layer, overlay_made=overlay_made, scratch=scratch,
-        hidden=hidden,
-        resolv=resolv, cgroups=cgroups, own_net=own_net, exists=reads.wrap(os.path.lexists),
+        hidden=hidden, resolv=resolv, cgroups=cgroups, own_net=own_net, exists=reads.wrap(os.path.lexists),
         isdir=reads.wrap(os.path.isdir), listdir=reads.wrap(_sorted_listdir), islink=reads.wrap(os.path.islink),
         readlink=reads.wrap(os.readlink),
     ))
