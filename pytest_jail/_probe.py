@@ -49,11 +49,33 @@ class HostSupport:
             if self.mode == "root"
             else f"rootless, jail runs as uid {os.geteuid()}"
         )
-        return f"jail: namespaces user+mnt+pid+net+uts+ipc+cgroup ({who}); {_limits_summary()}"
+        line = f"jail: namespaces user+mnt+pid+net+uts+ipc+cgroup ({who}); {_limits_summary()}"
+        return line + "".join(f"; {part}" for part in _kernel_summary(self.mode == "root"))
 
     def require(self) -> None:
         if not self.ok:
             raise JailUnavailableError(self.reason, self.remedy)
+
+
+def _kernel_summary(root: bool) -> list[str]:
+    """What this kernel does differently, from the trial in namespaces (``pytest-jail doctor``
+    says the same at length)."""
+    tried = try_in_namespaces()
+    if tried.get("userns", "ok") != "ok":
+        return []
+    release = os.uname().release
+    parts = [f"{name} refused ({tried[key]}): pytest-jail doctor says why"
+             for key, name in (("keyring", "keyctl"), ("proc", "a fresh /proc"), ("sysfs", "a fresh /sys"))
+             if tried.get(key, "ok") != "ok"]
+    if tried.get("mount_setattr") == "ENOSYS":
+        parts.append(f"Linux {release}: the host view is made read-only mount by mount (no mount_setattr)")
+    if overlay_by_parent(root):
+        parts.append("rootfs overlays made by the host's root (none in a user namespace before 5.11)")
+    elif tried.get("overlay", "ok") != "ok":
+        parts.append(f"no rootfs jails (overlayfs in a user namespace: {tried['overlay']})")
+    if tried.get("xattr", "ok") != "ok" and not overlay_by_parent(root):
+        parts.append("rootfs layers on disk (no user xattrs on tmpfs before 6.6)")
+    return parts
 
 
 def _limits_summary() -> str:

@@ -92,10 +92,12 @@ def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pyt
     assert "1 passed" in done.stdout, done.stdout + done.stderr
 
 
-def test_the_doctor_says_how_the_host_view_is_made_without_mount_setattr() -> None:
-    code = "from pytest_jail._doctor import examine, render\nprint(render(examine())[0])"
+def test_the_doctor_and_the_report_header_say_how_the_host_view_is_made_without_mount_setattr() -> None:
+    code = ("from pytest_jail._doctor import examine, render\nfrom pytest_jail._probe import probe_host\n"
+            "print(render(examine())[0])\nprint(probe_host().summary())")
     report = _run(code, without=(MOUNT_SETATTR,))
     assert "ok  read-only host view: each mount remounted read-only (this kernel has no mount_setattr" in report
+    assert report.splitlines()[-1].endswith("the host view is made read-only mount by mount (no mount_setattr)")
 
 
 @root_mode
