@@ -50,6 +50,7 @@ from ._view import ROOT_MAP_SIZE
 from ._view import bind_sources
 from ._view import check_layer
 from ._view import check_readable_by_jail
+from ._view import idmapped_lower
 from ._view import idmapped_tree
 from ._view import jail_cwd
 from ._view import overlay_tree
@@ -379,7 +380,7 @@ class Jail:
         if rootfs is not None and run.overlay_by_parent:
             tree: int | None = overlay_tree(rootfs, run.layer, run.overlay_size, run.launch.plan if run.launch else [])
         else:
-            tree = None if rootfs is None else idmapped_tree(rootfs, userns)
+            tree = None if rootfs is None else idmapped_lower(rootfs, userns)
         trees = [idmapped_tree(path, userns, quiet=True) for path in run.launch.mapped] if run.launch else []
         fds = [t for t in [tree, *trees] if t is not None]
         flags = ("r" if tree is not None else "-") + "".join("0" if t is None else "1" for t in trees)

@@ -306,6 +306,50 @@ def resolve_rootfs(rootfs: str | None) -> str | None:
     return named_rootfs(rootfs)
 
 
+def idmapped_lower(rootfs: str, userns: str) -> int | None:
+    """:func:`idmapped_tree` of a rootfs, where overlayfs takes an id-mapped lower layer (Linux
+    5.19; before, it refuses one with EINVAL): asked of the kernel once per filesystem."""
+    tree = idmapped_tree(rootfs, userns)
+    if tree is None:
+        return None
+    works: bool = host().fact(("idmapped lower", os.stat(rootfs).st_dev), lambda: _overlay_takes(rootfs, userns))
+    if not works:
+        os.close(tree)
+        _warn_not_idmapped(rootfs, "overlayfs refuses an id-mapped lower layer (before Linux 5.19)")
+        return None
+    return tree
+
+
+def _overlay_takes(rootfs: str, userns: str) -> bool:
+    """Whether an overlay mounts over ``rootfs`` id-mapped through ``userns`` as its lower layer:
+    tried by a child in a mount namespace of its own, on a tmpfs of its own, with a tree of its
+    own (a detached tree can be attached once: the parent's stays the jail's)."""
+    def child() -> None:
+        code = 1
+        try:
+            sys_ = _syscalls()
+            tree = sys_.clone_tree(rootfs)
+            ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+            sys_.idmap_tree(tree, ns)
+            sys_.unshare(0x00020000)  # CLONE_NEWNS
+            sys_.mount(None, "/", None, 0x4000 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing leaks out
+            sys_.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700")
+            for name in ("lower", "upper", "work", "merged"):
+                os.mkdir(f"/tmp/{name}")
+            sys_.attach_tree(tree, "/tmp/lower")
+            sys_.mount("overlay", "/tmp/merged", "overlay", 0,
+                       "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work")
+            code = 0
+        finally:
+            _exit(code)
+
+    pid = fork(child)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    except ChildProcessError:  # a caller that ignores SIGCHLD: no answer, so no id-mapping
+        return False
+
+
 def idmapped_tree(rootfs: str, userns: str, *, quiet: bool = False) -> int | None:
     """Root mode: a tree (the rootfs, a mapped exposure) as a detached mount in which a file's
     on-disk owner is the jail's id (uid 0 on disk belongs to the jail's root, not to the host's),

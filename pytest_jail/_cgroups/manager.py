@@ -360,7 +360,7 @@ def _remove_tree(path: str) -> None:
                 pass  # not this hierarchy's knob (or no cgroup.kill before Linux 5.14)
         procs = os.path.join(child, "cgroup.procs")
         try:
-            for pid in open(procs).read().split():
+            for pid in read(procs).split():
                 try:
                     os.kill(int(pid), 9)
                 except ProcessLookupError:
