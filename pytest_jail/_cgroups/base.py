@@ -97,18 +97,22 @@ def rmdir_when_empty(path: str, timeout: float = 5.0) -> None:
 
 def kill_members(procs: str, freeze: Callable[[bool], None] | None) -> None:
     """SIGKILL every process of a group, freezing it meanwhile so a fork cannot slip through;
-    repeat until it is empty (what ``cgroup.kill`` does in one write, where the kernel has it)."""
-    for _ in range(100):
-        if freeze is not None:
-            freeze(True)
-        members = [int(p) for p in read(procs).split()]
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if freeze is not None:
-            freeze(False)
-        if not members:
-            return
-        time.sleep(0.002)
+    repeat until it is empty (what ``cgroup.kill`` does in one write, where the kernel has it).
+    A group removed meanwhile (its jail ended and was torn down) is empty."""
+    try:
+        for _ in range(100):
+            if freeze is not None:
+                freeze(True)
+            members = [int(p) for p in read(procs).split()]
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if freeze is not None:
+                freeze(False)
+            if not members:
+                return
+            time.sleep(0.002)
+    except FileNotFoundError:
+        return
