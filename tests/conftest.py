@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 
 import pytest
@@ -56,6 +57,23 @@ rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivilege
 needs_busybox = pytest.mark.skipif(
     shutil.which("busybox") is None, reason="needs a static busybox: apt-get install busybox-static"
 )
+
+
+def refuse_calls(refusals: dict[str, int]) -> str:
+    """Python code that puts on the process running it a seccomp filter answering each named system
+    call with its errno, everything else allowed: a kernel without the call (ENOSYS), or a
+    container's profile (EPERM), made real on this kernel."""
+    return textwrap.dedent(f"""
+        import ctypes, struct
+        from pytest_jail._linux.syscalls import Syscalls
+        numbers = Syscalls()._nr
+        code = [(0x20, 0, 0, 0)]                          # load the system call number
+        for name, err in {refusals!r}.items():
+            code += [(0x15, 0, 1, numbers[name]), (0x06, 0, 0, 0x50000 | err)]  # equal: that errno
+        code.append((0x06, 0, 0, 0x7FFF0000))              # allow
+        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)           # PR_SET_NO_NEW_PRIVS
+        Syscalls().install_filter(b"".join(struct.pack("<HBBI", *c) for c in code), listener=False)
+    """)
 
 
 def skip_unless_jail_root_owns(path: str) -> None:

@@ -4,11 +4,13 @@ doctor's verdict is compared with a real jail's outcome under it."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import refuse_calls
 
 from pytest_jail import Jail
 from pytest_jail import JailSpec
@@ -91,14 +93,7 @@ def test_a_namespace_limit_of_zero_is_named_with_its_sysctl() -> None:
 def test_a_filter_that_refuses_keyctl_is_named_with_the_container_flags() -> None:
     """Docker's default profile refuses keyctl even where it allows namespaces (--cap-add SYS_ADMIN):
     a filter that refuses only keyctl, made real on the process."""
-    setup = textwrap.dedent("""
-        import ctypes, struct
-        from pytest_jail._linux.syscalls import Syscalls
-        nr = Syscalls()._nr["keyctl"]
-        code = [(0x20, 0, 0, 0), (0x15, 0, 1, nr), (0x06, 0, 0, 0x50000 | 1), (0x06, 0, 0, 0x7FFF0000)]
-        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
-        Syscalls().install_filter(b"".join(struct.pack("<HBBI", *c) for c in code), listener=False)
-    """)
+    setup = refuse_calls({"keyctl": errno.EPERM})
     lines, jails, out = _doctor(setup=setup)
     assert lines["session keyring"] == "NO" and jails["host view"] == "fails", out
     assert "refuses keyctl" in out and out.count("--security-opt seccomp=unconfined") >= 2 and "STATUS 1" in out, out

@@ -5,6 +5,7 @@ the same tests on the old kernel itself (scripts/kernel-guest --kernel 5.10)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import textwrap
 import pytest
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
+from conftest import refuse_calls
 from conftest import root_mode
 from conftest import tree_digest
 
@@ -21,19 +23,8 @@ from pytest_jail._view import uses_root_map
 
 pytestmark = needs_jail
 
-#: Installs a filter that answers ENOSYS to the system calls numbered in ``NO`` (x86_64, aarch64:
-#: mount_setattr is 442 on both); everything else is allowed.
-WITHOUT = textwrap.dedent("""
-    import ctypes, struct
-    from pytest_jail._linux.syscalls import Syscalls
-    code = [(0x20, 0, 0, 0)]                      # load the system call number
-    for nr in NO:
-        code += [(0x15, 0, 1, nr), (0x06, 0, 0, 0x50000 | 38)]  # equal: return ENOSYS
-    code.append((0x06, 0, 0, 0x7FFF0000))          # allow
-    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)       # PR_SET_NO_NEW_PRIVS
-    Syscalls().install_filter(b"".join(struct.pack("<HBBI", *c) for c in code), listener=False)
-""")
-MOUNT_SETATTR = 442
+#: Answered ENOSYS where the kernel is made to lack it, as before Linux 5.12.
+WITHOUT_MOUNT_SETATTR = refuse_calls({"mount_setattr": errno.ENOSYS})
 
 #: Prints, as JSON, the options of each mount a jail's process can reach (the topmost at each
 #: mount point it can see: one behind a directory it cannot search is out of its reach either
@@ -56,8 +47,7 @@ INSIDE = textwrap.dedent("""
 MOUNTS = f"import sys\nfrom pytest_jail import Jail\nprint(Jail().run([sys.executable, '-c', {INSIDE!r}], check=True).stdout)"
 
 
-def _run(code: str, *, without: tuple[int, ...] = ()) -> str:
-    prefix = f"NO = {list(without)}\n" + WITHOUT if without else ""
+def _run(code: str, *, prefix: str = "") -> str:
     done = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -67,7 +57,7 @@ def test_without_mount_setattr_the_host_view_is_as_read_only() -> None:
     """Each mount remounted on its own gives the jail the same view, mount by mount, as
     mount_setattr on the whole tree: read-only, no set-uid programs, no devices."""
     with_it = json.loads(_run(MOUNTS))
-    without = json.loads(_run(MOUNTS, without=(MOUNT_SETATTR,)))
+    without = json.loads(_run(MOUNTS, prefix=WITHOUT_MOUNT_SETATTR))
     assert without["mounts"]["/"].startswith("ro,"), without
     assert without["etc"] == "Read-only file system", without
     assert without["tmp"] == "wrote", without
@@ -87,8 +77,7 @@ def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pyt
                 open("/etc/.pytest-jail-probe", "w")
     """))
     code = f"import sys, pytest\nsys.exit(pytest.main(['-p', 'no:cacheprovider', {str(jailed_pytester.path)!r}]))"
-    prefix = f"NO = [{MOUNT_SETATTR}]\n" + WITHOUT
-    done = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MOUNT_SETATTR + code], capture_output=True, text=True, timeout=120,
                           cwd=jailed_pytester.path)
     assert "1 passed" in done.stdout, done.stdout + done.stderr
 
@@ -96,7 +85,7 @@ def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pyt
 def test_the_doctor_and_the_report_header_say_how_the_host_view_is_made_without_mount_setattr() -> None:
     code = ("from pytest_jail._doctor import examine, render\nfrom pytest_jail._probe import probe_host\n"
             "print(render(examine())[0])\nprint(probe_host().summary())")
-    report = _run(code, without=(MOUNT_SETATTR,))
+    report = _run(code, prefix=WITHOUT_MOUNT_SETATTR)
     assert "ok  read-only host view: each mount remounted read-only (this kernel has no mount_setattr" in report
     assert "; Linux " in report.splitlines()[-1], report  # the header names what this kernel does differently
     assert "the host view is made read-only mount by mount (no mount_setattr)" in report.splitlines()[-1], report
