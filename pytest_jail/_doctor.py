@@ -4,14 +4,18 @@ each found by trying it (in a throwaway child's own namespaces: nothing on the h
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shutil
 from dataclasses import dataclass
+from posix import _exit
 
 from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailUnavailableError
+from ._fork import fork
+from ._linux.net import try_link
 from ._probe import CONTAINER_REMEDY
 from ._probe import MASKED_REMEDY
 from ._probe import overlay_by_parent
@@ -170,11 +174,27 @@ def _bridges(root: bool, needed: bool) -> Finding:
     if not root:
         return Finding("bridges", False, "net='bridge' needs pytest to run as root (veth pairs on the host)",
                        "run pytest as root for bridged jails; net='none' and 'host' work rootless", needed=needed)
+    for kind, code in _try_links().items():
+        if code == errno.EOPNOTSUPP:
+            return Finding("bridges", False, f"this kernel cannot make a {kind} (EOPNOTSUPP): its driver is neither "
+                           "built in nor loaded", f"modprobe {kind} (as root, on the host)", needed=needed)
+        if code:
+            return Finding("bridges", False, f"making a {kind} is refused here ({errno.errorcode.get(code, code)})",
+                           "run pytest as root on the host, outside any system call filter", needed=needed)
     nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
-    if nft is None:
-        return Finding("bridges", False, "nft is missing (a bridged jail's way out is an nftables table)",
-                       "apt-get install nftables", needed=needed)
-    return Finding("bridges", True, f"root, and {nft}", needed=needed)
+    ways_out = f"ways out (allow=, nat=) by {nft}" if nft else (
+        "no nft, so no way out (allow=, nat=): apt-get install nftables")
+    return Finding("bridges", True, f"root, and a bridge and a veth pair can be made; {ways_out}", needed=needed)
+
+
+def _try_links() -> dict[str, int]:
+    """Make a bridge and a veth pair, as a bridged jail's network does, each in a throwaway child's
+    own network namespace (the kernel loads their drivers on demand where it can): errno per kind."""
+    found = {}
+    for kind in ("bridge", "veth"):
+        pid = fork(lambda kind=kind: _exit(try_link(kind)))  # type: ignore[misc]
+        found[kind] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return found
 
 
 def _rootfs_builders(root: bool) -> Finding:

@@ -135,6 +135,35 @@ def test_rootless_bridge_is_refused_with_the_cause() -> None:
         Jail(JailSpec(net="bridge")).run(["true"])
 
 
+def test_the_doctors_bridges_line_is_what_a_bridged_jail_does() -> None:
+    """The doctor makes a bridge and a veth pair in a throwaway namespace of its own; its verdict is
+    what a bridged jail then does (root: both work where the kernel has the drivers; rootless or a
+    container's root: both refused)."""
+    from pytest_jail._doctor import examine
+
+    (line,) = [f for f in examine(bridge=True) if f.name == "bridges"]
+    try:
+        Jail(JailSpec(net="bridge")).run(["true"], check=True)
+        works = True
+    except JailUnavailableError:
+        works = False
+    assert line.ok == works, line
+
+
+def test_a_kernel_without_the_bridge_driver_is_named_with_modprobe() -> None:
+    """What a kernel whose bridge or veth driver is neither built in nor loadable answers
+    (EOPNOTSUPP, as a guest without its modules did) becomes the cause and the fix."""
+    import errno
+
+    from pytest_jail._linux.net import _step
+
+    for kind in ("bridge", "veth"):
+        with pytest.raises(JailUnavailableError, match=f"cannot make a {kind} .*Operation not supported") as caught:
+            with _step(f"{kind} pj0"):
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        assert f"modprobe {kind}" in caught.value.remedy
+
+
 @root_mode
 @pytest.mark.whole_host
 def test_parallel_sessions_never_share_a_subnet_and_leave_nothing(jailed_pytester: pytest.Pytester) -> None:

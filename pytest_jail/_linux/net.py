@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import threading
 import time
 import warnings
@@ -31,6 +32,7 @@ from typing import Any
 
 from .._errors import JailError
 from .._errors import JailSetupError
+from .._errors import JailUnavailableError
 from .._errors import JailWarning
 from . import firewall
 from .firewall import Rule
@@ -204,13 +206,18 @@ class Networks:
         """The host's devices towards what the jail may reach: replies come in there."""
         ipr = self._iproute()
         targets = [network.split("/")[0] for network, _ in way_out] or ["198.51.100.1"]  # any: the default
-        devices = []
+        oifs: set[int] = set()
         for target in targets:
-            for route in ipr.route("get", dst=target):
-                oif = route.get_attr("RTA_OIF")
-                for link in ipr.get_links(oif):
-                    devices.append(link.get_attr("IFLA_IFNAME"))
-        return sorted(set(devices))
+            try:
+                oifs |= {route.get_attr("RTA_OIF") for route in ipr.route("get", dst=target)}
+            except Exception as exc:
+                if way_out or getattr(exc, "code", None) != errno.ENETUNREACH:
+                    raise
+                # nat=True on a host without a default route: it reaches what the host's routes lead to
+                oifs |= {route.get_attr("RTA_OIF") for route in ipr.get_routes(family=socket.AF_INET, table=254)}
+        oifs.discard(None)  # (a route without a device: blackhole, multipath)
+        names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links(*oifs)} if oifs else set()
+        return sorted(n for n in names if n != "lo" and not n.startswith("pjbr"))  # (never another segment)
 
     def _iproute(self) -> Any:
         if self._ipr is None:
@@ -256,6 +263,23 @@ class Networks:
             os.close(fd)
 
 
+def try_link(kind: str) -> int:
+    """Make a link of ``kind`` ("bridge", "veth") in a network namespace of this process's own, as
+    a bridged jail's network does (the kernel loads its driver on demand where it can): 0 or the
+    errno. For a throwaway child (``pytest-jail doctor``): this process stays in that namespace."""
+    try:
+        from pyroute2 import IPRoute
+
+        Syscalls().unshare(CLONE_NEWNET)
+        with IPRoute() as ipr:
+            peer = {"peer": {"ifname": "pjdoctor1"}} if kind == "veth" else {}
+            ipr.link("add", ifname="pjdoctor0", kind=kind, **peer)
+    except Exception as exc:  # pyroute2's NetlinkError carries the netlink errno as .code
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+        return code if isinstance(code, int) and 0 < code < 256 else errno.EIO
+    return 0
+
+
 @contextlib.contextmanager
 def _step(what: str) -> Iterator[None]:
     try:
@@ -265,6 +289,11 @@ def _step(what: str) -> Iterator[None]:
     except Exception as exc:  # pyroute2's NetlinkError is an OSError with the netlink errno
         code = getattr(exc, "code", None) or getattr(exc, "errno", None)
         detail = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
+        kind = what.split()[0]
+        if code == errno.EOPNOTSUPP and kind in ("bridge", "veth"):  # (the kernel could not load the driver)
+            raise JailUnavailableError(
+                f"this kernel cannot make a {kind} ({what}: {detail}): its driver is neither built in nor loaded",
+                f"load it as root on the host: modprobe {kind} (a container cannot load it itself)") from None
         raise JailSetupError("network", code if isinstance(code, int) else None, f"{what}: {detail}") from None
 
 

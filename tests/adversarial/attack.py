@@ -12,6 +12,7 @@ import hashlib
 import os
 import platform
 import resource
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +24,7 @@ from pytest_jail._probe import probe_host
 _HOST = probe_host()
 needs_jail = pytest.mark.skipif(not _HOST.ok, reason=f"{_HOST.reason}; {_HOST.remedy}")
 root_mode = pytest.mark.skipif(not uses_root_map(), reason="needs pytest to run as real root (root mode)")
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables: apt-get install nftables")
 
 
 def fingerprint(path: str) -> tuple[int, int, int, str]:
