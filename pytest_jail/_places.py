@@ -39,6 +39,7 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
     """
     root_map = uses_root_map()
     found: list[Exposure] = []
+    handed_over: list[str] = []
 
     def add(path: str, writable: bool) -> None:
         mapped = root_map and idmap_works(path)
@@ -46,6 +47,7 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
             if path != tmp_path:
                 return
             _chown_tree(path, ROOT_MAP_BASE)
+            handed_over.append(path)
         found.append(Exposure(path, path, writable=writable, mapped=mapped))
 
     tmp_path = None if tmp is None else str(tmp)
@@ -63,6 +65,8 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
             if not any(path == t or path.startswith(t + "/") for t in taken):
                 found.append(Exposure(path, path))
                 taken.append(path)
+    if handed_over and base is not None:
+        _searchable_way(handed_over[0], base, [e.target for e in found if e.target != handed_over[0]])
     return found
 
 
@@ -162,6 +166,22 @@ class SubprocessCoverage:
                 os.replace(os.path.join(self.directory, name),
                            f"{self.data_file}.pytest-jail.{os.getpid()}.{uuid.uuid4().hex[:12]}")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _searchable_way(tmp_path: str, base: str, shown: list[str]) -> None:
+    """Root mode, where the filesystem cannot be id-mapped: where the test's temp dir lies under
+    another place the jail shows as it is (the rootdir, when pytest's base temp dir is inside it,
+    as in pytester's runs), the jail's root must be let through pytest's own directories on the way
+    (mode 0700, root's): they get search permission for others, never read permission."""
+    above = [t for t in shown if tmp_path.startswith(t.rstrip("/") + "/")]
+    if not above:  # the jail makes the way in its own /tmp
+        return
+    way = os.path.dirname(tmp_path)
+    while way != max(above, key=len) and (way == base or way.startswith(base.rstrip("/") + "/")):
+        mode = os.stat(way, follow_symlinks=False).st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(way, stat.S_IMODE(mode) | stat.S_IXOTH, follow_symlinks=False)
+        way = os.path.dirname(way)
 
 
 def _chown_tree(path: str, uid: int) -> None:

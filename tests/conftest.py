@@ -84,6 +84,14 @@ def skip_unless_jail_root_owns(path: str) -> None:
                     "filesystem): the jail's root does not own the rootfs's files")
 
 
+def skip_unless_shown_id_mapped(path: str, what: str) -> None:
+    """Root mode: skip where ``path``'s filesystem cannot be id-mapped (a kernel before 5.12, NFS...):
+    a body then sees only its own tmp_path there (handed to the jail's root), not ``what``."""
+    if uses_root_map() and not idmap_works(path):
+        pytest.skip(f"root mode, and {path} cannot be id-mapped here (no mount_setattr before Linux 5.12, or its "
+                    f"filesystem): a body sees only its tmp_path there, not {what}")
+
+
 def skip_if_on_overlayfs(path: str) -> None:
     """A writable layer kept in ``path`` cannot be on overlayfs (a container's root): the jail
     refuses it with that cause; the test has nothing else to show there."""

@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import needs_jail
+from conftest import skip_unless_shown_id_mapped
 
 pytestmark = needs_jail
 PYTEST_9 = int(pytest.__version__.split(".")[0]) >= 9
@@ -388,6 +389,7 @@ def test_pytest_timeout_shows_the_bodys_own_stack(jailed_pytester: pytest.Pytest
 def test_hypothesis_database_persists(jailed_pytester: pytest.Pytester) -> None:
     """Hypothesis saves its failing example from a jailed body, with no warning, and the next
     run replays it, as without the jail."""
+    skip_unless_shown_id_mapped(str(jailed_pytester.path), "hypothesis's database in the rootdir")
     # Hypothesis loads its "ci" profile (no database) where CI is set, as in CI: not this project.
     jailed_pytester.makeconftest("from hypothesis import settings\nsettings.load_profile('default')\n")
     jailed_pytester.makepyfile(
@@ -549,6 +551,7 @@ def test_exitfirst_lastfailed_keyword_durations(jailed_pytester: pytest.Pytester
 def test_session_temp_dir_is_visible_read_only(jailed_pytester: pytest.Pytester) -> None:
     """What a session fixture made with tmp_path_factory is readable (a 0600 file too), not
     writable; the test's own tmp_path inside it is writable."""
+    skip_unless_shown_id_mapped(str(jailed_pytester.path), "the session's base temp dir")
     jailed_pytester.makepyfile(
         """
         import os, pytest

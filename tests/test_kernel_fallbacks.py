@@ -64,9 +64,14 @@ def test_without_mount_setattr_the_host_view_is_as_read_only() -> None:
     assert without["mounts"] == with_it["mounts"]
 
 
-def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("basetemp", ["default", "in the rootdir"])
+def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pytester: pytest.Pytester,
+                                                                       basetemp: str) -> None:
     """A test body's tmp_path, under a read-only exposure, is made writable as the body enters:
-    by a bind remounted writable where there is no mount_setattr."""
+    by a bind remounted writable where there is no mount_setattr. As root, with no id-mapped
+    mounts either, the tmp_path is handed to the jail's root; with the base temp dir inside the
+    rootdir (as pytester's runs have it), the jail's root is let through pytest's 0700 directories
+    on the way (before: EACCES)."""
     jailed_pytester.makepyfile(textwrap.dedent("""
         import pytest
 
@@ -76,7 +81,10 @@ def test_without_mount_setattr_a_marked_test_writes_only_its_tmp_path(jailed_pyt
             with pytest.raises(OSError, match="Read-only file system"):
                 open("/etc/.pytest-jail-probe", "w")
     """))
-    code = f"import sys, pytest\nsys.exit(pytest.main(['-p', 'no:cacheprovider', {str(jailed_pytester.path)!r}]))"
+    args = ["-p", "no:cacheprovider", str(jailed_pytester.path)]
+    if basetemp != "default":
+        args.append(f"--basetemp={jailed_pytester.path / 'base'}")
+    code = f"import sys, pytest\nsys.exit(pytest.main({args!r}))"
     done = subprocess.run([sys.executable, "-c", WITHOUT_MOUNT_SETATTR + code], capture_output=True, text=True, timeout=120,
                           cwd=jailed_pytester.path)
     assert "1 passed" in done.stdout, done.stdout + done.stderr

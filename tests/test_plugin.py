@@ -10,6 +10,7 @@ from conftest import NO_NESTED_ROOT
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
 from conftest import needs_tun
+from conftest import skip_unless_jail_root_owns
 
 pytestmark = needs_jail
 
@@ -426,6 +427,7 @@ def test_body_in_a_custom_rootfs(jailed_pytester: pytest.Pytester, busybox_rootf
     """A body in rootfs=DIR sees that tree as / (via --jail-rootfs) under a writable layer, imports
     its modules and fails with a proper traceback, because the runtime and rootdir are bound in
     read-only; what it wrote never reaches the tree."""
+    skip_unless_jail_root_owns(busybox_rootfs)
     jailed_pytester.makepyfile(
         helper="def answer():\n    return 41\n",
         test_rootfs="""
