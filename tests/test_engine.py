@@ -191,10 +191,10 @@ def test_missing_command_is_a_setup_error() -> None:
 
 def test_timeout_kills_a_sigterm_ignoring_tree() -> None:
     """The wall-clock limit kills the whole jail, even processes that ignore SIGTERM."""
-    result = Jail().run(["sh", "-c", "trap '' TERM; (trap '' TERM; sleep 60) & echo started; sleep 60"], timeout=2.5)
+    result = Jail().run(["sh", "-c", "trap '' TERM; (trap '' TERM; sleep 600) & echo started; sleep 600"], timeout=2.5)
     assert result.timed_out and result.returncode == -9
     assert result.stdout == "started\n"  # (2.5 s: a loaded CI machine starts the shell late)
-    assert result.duration < 30
+    assert result.duration < 300  # killed, not slept out (however slow the machine)
     assert "timed out after 2.5s" in result.verdict()
 
 

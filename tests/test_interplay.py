@@ -542,7 +542,8 @@ def test_exitfirst_lastfailed_keyword_durations(jailed_pytester: pytest.Pytester
     assert ran == ["test_a_fails", "test_c_fails", "test_b_slow"], ran
     jailed_pytester.runpytest_subprocess("--jail-all", "-k", "slow").assert_outcomes(passed=1, deselected=2)
     durations = jailed_pytester.runpytest_subprocess("--jail-all", "-k", "slow", "--durations=1")
-    durations.stdout.fnmatch_lines(["0.[3-9]*s call *test_b_slow"])
+    (line,) = [line for line in durations.stdout.lines if re.search(r"s call .*test_b_slow", line)]
+    assert float(line.split("s call")[0]) >= 0.3, line  # the body's own time, however slow the machine
 
 
 # -- 5. Session data, and the network it had ----------------------------------------------------------
