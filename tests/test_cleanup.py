@@ -61,7 +61,7 @@ def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: ob
     try:
         assert _wait_until(started), f"the jail of {test} never started"
         proc.send_signal(how)
-        proc.wait(timeout=30)
+        proc.wait(timeout=120)  # a hang guard: a loaded machine (CI beside a guest) took over 30 s
     finally:
         proc.kill()
         proc.wait()
