@@ -15,6 +15,7 @@ from ._cgroups.manager import Unavailable
 from ._cgroups.manager import limits_summary
 from ._errors import JailUnavailableError
 from ._fork import fork
+from ._linux.firewall import find_nft
 from ._linux.net import try_link
 from ._probe import CONTAINER_REMEDY
 from ._probe import MASKED_REMEDY
@@ -181,7 +182,7 @@ def _bridges(root: bool, needed: bool) -> Finding:
         if code:
             return Finding("bridges", False, f"making a {kind} is refused here ({errno.errorcode.get(code, code)})",
                            "run pytest as root on the host, outside any system call filter", needed=needed)
-    nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
+    nft = find_nft()
     ways_out = f"ways out (allow=, nat=) by {nft}" if nft else (
         "no nft, so no way out (allow=, nat=): apt-get install nftables")
     return Finding("bridges", True, f"root, and a bridge and a veth pair can be made; {ways_out}", needed=needed)

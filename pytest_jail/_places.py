@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from ._linux.mounts import Exposure
+from ._linux.mounts import under
 from ._view import ROOT_MAP_BASE
 from ._view import idmap_works
 from ._view import runtime_paths
@@ -39,7 +40,6 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
     """
     root_map = uses_root_map()
     found: list[Exposure] = []
-    handed_over: list[str] = []
 
     def add(path: str, writable: bool) -> None:
         mapped = root_map and idmap_works(path)
@@ -47,7 +47,6 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
             if path != tmp_path:
                 return
             _chown_tree(path, ROOT_MAP_BASE)
-            handed_over.append(path)
         found.append(Exposure(path, path, writable=writable, mapped=mapped))
 
     tmp_path = None if tmp is None else str(tmp)
@@ -65,8 +64,9 @@ def exposures(config: Any, rootfs: str | None, tmp: Any, *, body: bool) -> list[
             if not any(path == t or path.startswith(t + "/") for t in taken):
                 found.append(Exposure(path, path))
                 taken.append(path)
+    handed_over = [e for e in found if root_map and e.target == tmp_path and not e.mapped]
     if handed_over and base is not None:
-        _searchable_way(handed_over[0], base, [e.target for e in found if e.target != handed_over[0]])
+        _searchable_way(handed_over[0].target, base, [e.target for e in found if e is not handed_over[0]])
     return found
 
 
@@ -173,11 +173,12 @@ def _searchable_way(tmp_path: str, base: str, shown: list[str]) -> None:
     another place the jail shows as it is (the rootdir, when pytest's base temp dir is inside it,
     as in pytester's runs), the jail's root must be let through pytest's own directories on the way
     (mode 0700, root's): they get search permission for others, never read permission."""
-    above = [t for t in shown if tmp_path.startswith(t.rstrip("/") + "/")]
+    above = [t for t in shown if t != tmp_path and under(tmp_path, t)]
     if not above:  # the jail makes the way in its own /tmp
         return
+    closest = max(above, key=len)
     way = os.path.dirname(tmp_path)
-    while way != max(above, key=len) and (way == base or way.startswith(base.rstrip("/") + "/")):
+    while way != closest and under(way, base):
         mode = os.stat(way, follow_symlinks=False).st_mode
         if not mode & stat.S_IXOTH:
             os.chmod(way, stat.S_IMODE(mode) | stat.S_IXOTH, follow_symlinks=False)

@@ -85,7 +85,7 @@ def apply(text: str) -> None:
 
 def delete(index: int) -> None:
     """Delete a segment's table; a table that stays is said (never a silent leftover)."""
-    nft = _find_nft()
+    nft = find_nft()
     if nft is not None:
         done = subprocess.run([nft, "delete", "table", "inet", table(index)], capture_output=True, text=True)
         if done.returncode != 0 and index in tables():
@@ -95,7 +95,7 @@ def delete(index: int) -> None:
 
 def tables() -> list[int]:
     """The segments that have a table now (a dead process's ones included)."""
-    nft = _find_nft()
+    nft = find_nft()
     if nft is None:
         return []
     listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout.split()
@@ -103,12 +103,12 @@ def tables() -> list[int]:
             if name.startswith("pytest_jail_") and name[len("pytest_jail_"):].isdigit()]
 
 
-def _find_nft() -> str | None:
+def find_nft() -> str | None:
     return shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
 
 
 def _nft() -> str:
-    nft = _find_nft()
+    nft = find_nft()
     if nft is None:
         raise JailUnavailableError(
             "nat=True and allow=[...] are written with the nft tool, which is not installed",
@@ -245,7 +245,7 @@ def _restore(key: str, fd: int) -> None:
         with contextlib.suppress(OSError):
             _write(device, "0")
     if kind == "guarded":
-        nft = _find_nft()
+        nft = find_nft()
         if nft is not None:
             subprocess.run([nft, "delete", "table", "inet", guard_table(key)], capture_output=True)
     with contextlib.suppress(FileNotFoundError):
@@ -260,7 +260,7 @@ def clean_stale() -> None:
     with _deciding():
         keys = [name[len("forwarding."):] for name in os.listdir(directory)
                 if name.startswith("forwarding.") and ":" in name]
-        nft = _find_nft()
+        nft = find_nft()
         if nft is not None:
             held = {guard_table(key) for key in keys}
             listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout.split()

@@ -141,7 +141,7 @@ def plan_mounts(
     # Exposures first (one may have to shadow a whole directory, / included), then the fresh
     # /proc, /dev and /tmp on top, then what lives inside the fresh /tmp (the test's tmp_path).
     ordered = sorted(exposures, key=lambda e: e.target.count("/"))
-    in_fresh = [e for e in ordered if any(_under(e.target, "/" + f) for f in _FRESH if f != "sys")]
+    in_fresh = [e for e in ordered if any(under(e.target, "/" + f) for f in _FRESH if f != "sys")]
     for exposure in ordered:
         if exposure not in in_fresh:
             tree.expose(exposure)
@@ -341,7 +341,7 @@ class _Tree:
         self.ops.append(("mkdir_p", _new(path)))
         self.ops.append(("mount", "tmpfs", _new(path), "tmpfs", MS_NOSUID | MS_NODEV, data))
         self.made_tmpfs.add(path)
-        self.base = {k: v for k, v in self.base.items() if not _under(k, path)}
+        self.base = {k: v for k, v in self.base.items() if not under(k, path)}
 
     def hide(self, path: str) -> None:
         """Replace a host path by an empty read-only directory, or an empty file."""
@@ -371,7 +371,7 @@ class _Tree:
     def expose(self, exposure: Exposure) -> None:
         target = exposure.target
         make = "mkdir_p" if self._isdir(exposure.source) else "touch_p"
-        if self.overlay and not any(_under(target, p) for p in [*self.made_tmpfs, *self.base]):
+        if self.overlay and not any(under(target, p) for p in [*self.made_tmpfs, *self.base]):
             self.ops.append((make, NEW + target))  # in the fresh writable layer: never the rootfs
             self._bind(exposure)
             return
@@ -397,7 +397,7 @@ class _Tree:
 
     def _owner(self, target: str) -> str:
         """The jail path of the deepest mount we planned that holds ``target``."""
-        return max((p for p in [*self.made_tmpfs, *self.base] if _under(target, p)), key=len)
+        return max((p for p in [*self.made_tmpfs, *self.base] if under(target, p)), key=len)
 
     def _mask_closed(self, target: str, owner: str) -> None:
         """Hide the first directory on the way to ``target`` that the jail cannot search."""
@@ -439,7 +439,7 @@ def _new(path: str) -> str:
     return NEW if path == "/" else NEW + path
 
 
-def _under(path: str, parent: str) -> bool:
+def under(path: str, parent: str) -> bool:
     return parent == "/" or path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
@@ -500,7 +500,7 @@ class Executor:
     def _open(self, path: str, *, directory: bool = False) -> int:
         """An O_PATH descriptor of ``path``: in the new root, resolved inside it."""
         flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
-        if not _under(path, NEW) or path == "/":
+        if not under(path, NEW) or path == "/":
             return os.open(path, flags)
         root = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # anew: mounts on NEW change it
         try:
@@ -514,7 +514,7 @@ class Executor:
         """``path`` as the place found now, for a call that takes a path (mount(2)): the magic link
         of its descriptor, which the kernel follows to exactly that place. (Paths of the staging
         root are ours alone: they are used as they are.)"""
-        if not _under(path, NEW) or path == "/":
+        if not under(path, NEW) or path == "/":
             yield path
             return
         fd = self._open(path)
@@ -648,7 +648,7 @@ class _MountPoints(Executor):
         self.root = root
 
     def _open(self, path: str, *, directory: bool = False) -> int:
-        if not _under(path, NEW):
+        if not under(path, NEW):
             raise OSError(errno.EINVAL, "not in the new root", path)
         flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
         return self.sys.openat2(self.root, path[len(NEW):].lstrip("/") or ".", flags,
@@ -665,7 +665,7 @@ def make_mount_points(sys: Syscalls, root: int, plan: Iterable[Op]) -> None:
     not own (no id-mapped mounts there). Each one that fails is left for the jail to report."""
     maker = _MountPoints(sys, root)
     for op in plan:
-        if op[0] in ("mkdir", "mkdir_p", "touch", "touch_p") and _under(op[1], NEW) and op[1] != NEW:
+        if op[0] in ("mkdir", "mkdir_p", "touch", "touch_p") and under(op[1], NEW) and op[1] != NEW:
             try:
                 getattr(maker, op[0])(op[1])
             except OSError:
