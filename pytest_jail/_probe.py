@@ -171,6 +171,9 @@ def explain(error: JailSetupError) -> JailUnavailableError | None:
                 "filter, a jailed test's or a container's",
                 "in a jailed test, give it @pytest.mark.jail(syscalls='nested') (or JailSpec(syscalls='nested'))",
             )
+        support = probe_host()  # a sysctl that says no is the cause, before any guess at a container
+        if not support.ok:
+            return JailUnavailableError(support.reason, support.remedy)
         if error.errno == errno.ENOSPC:
             return JailUnavailableError("the host's namespace limit is reached (unshare: ENOSPC)",
                                         "raise user.max_user_namespaces (sysctl -w user.max_user_namespaces=15000)")

@@ -5,6 +5,7 @@ doctor's verdict is compared with a real jail's outcome under it."""
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,10 +38,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _doctor(prefix: list[str] | None = None, setup: str = "") -> tuple[dict[str, str], dict[str, str], str]:
+def _doctor(prefix: list[str] | None = None, setup: str = "", cwd: str | None = None) -> tuple[dict[str, str], dict[str, str], str]:
     """The doctor's line per capability and each jail's outcome, from a fresh process."""
     argv = [*(prefix or []), sys.executable, "-c", setup + PROBE]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd).stdout
     lines = {line[4:].split(":", 1)[0]: line[:3].strip() for line in out.splitlines() if line[:3].strip() in
              ("ok", "NO", "--")}
     jails = {line.split(" ", 1)[1].rsplit(" ", 1)[0] if line.endswith(" ok") else line.split(" fails:")[0][5:]:
@@ -88,6 +89,41 @@ def test_a_namespace_limit_of_zero_is_named_with_its_sysctl() -> None:
     lines, jails, out = _doctor(prefix)
     assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
     assert "user.max_user_namespaces = 0" in out and "sysctl -w user.max_user_namespaces=" in out, out
+
+
+USERNS_CLONE = "/proc/sys/kernel/unprivileged_userns_clone"
+
+
+@pytest.mark.skipif(not os.path.exists(USERNS_CLONE),
+                    reason="kernel.unprivileged_userns_clone is Debian's and Ubuntu's own patch; this kernel has "
+                           "none (the kernel matrix's Debian guests have it)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching kernel.unprivileged_userns_clone off needs root")
+def test_debians_switch_for_unprivileged_namespaces_is_named_with_its_sysctl() -> None:
+    """kernel.unprivileged_userns_clone = 0, made real (it is global: set for the few seconds
+    of one probe, then restored; root's jails, all the suite's others, are not concerned): the
+    doctor of an unprivileged user names the sysctl; that user's jail fails too."""
+    drop = ["env", "HOME=/", sys.executable, "-c",
+            "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); os.execv(sys.argv[1], sys.argv[1:])"]
+    trial = subprocess.run([*drop, sys.executable, "-c", "import pytest_jail"], capture_output=True, text=True, cwd="/")
+    if trial.returncode:
+        pytest.skip(f"uid 65534 cannot run {sys.executable} with pytest_jail: {trial.stderr.strip().splitlines()[-1:]}")
+    with open(USERNS_CLONE) as f:
+        before = f.read().strip()
+    try:
+        with open(USERNS_CLONE, "w") as f:
+            f.write("0")
+    except OSError as exc:
+        pytest.skip(f"cannot set kernel.unprivileged_userns_clone here: {exc}")
+    try:
+        lines, jails, out = _doctor([*drop, sys.executable], cwd="/")
+    finally:
+        with open(USERNS_CLONE, "w") as f:
+            f.write(before)
+    assert lines["user namespaces"] == "NO" and jails["host view"] == "fails", out
+    assert "kernel.unprivileged_userns_clone = 0" in out and "sysctl -w kernel.unprivileged_userns_clone=1" in out, out
+    failure = next(line for line in out.splitlines() if line.startswith("JAIL host view"))
+    assert "sysctl -w kernel.unprivileged_userns_clone=1" in failure, failure  # the jail names it too
+    assert "STATUS 1" in out, out
 
 
 def test_a_filter_that_refuses_keyctl_is_named_with_the_container_flags() -> None:
