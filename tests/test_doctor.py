@@ -41,7 +41,8 @@ PROBE = textwrap.dedent("""
 def _doctor(prefix: list[str] | None = None, setup: str = "", cwd: str | None = None) -> tuple[dict[str, str], dict[str, str], str]:
     """The doctor's line per capability and each jail's outcome, from a fresh process."""
     argv = [*(prefix or []), sys.executable, "-c", setup + PROBE]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd)
+    out = done.stdout + (f"\nstderr:\n{done.stderr}" if done.stderr.strip() else "")
     lines = {line[4:].split(":", 1)[0]: line[:3].strip() for line in out.splitlines() if line[:3].strip() in
              ("ok", "NO", "--")}
     jails = {line.split(" ", 1)[1].rsplit(" ", 1)[0] if line.endswith(" ok") else line.split(" fails:")[0][5:]:
@@ -115,7 +116,7 @@ def test_debians_switch_for_unprivileged_namespaces_is_named_with_its_sysctl() -
     except OSError as exc:
         pytest.skip(f"cannot set kernel.unprivileged_userns_clone here: {exc}")
     try:
-        lines, jails, out = _doctor([*drop, sys.executable], cwd="/")
+        lines, jails, out = _doctor(drop, cwd="/")
     finally:
         with open(USERNS_CLONE, "w") as f:
             f.write(before)
