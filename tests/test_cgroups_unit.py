@@ -144,6 +144,7 @@ def test_v2_manager_names_missing_delegation(tmp_path: pathlib.Path) -> None:
     from pytest_jail._cgroups.manager import Manager
     from pytest_jail._cgroups.manager import Unavailable
 
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")  # what the group was given
     with pytest.raises(Unavailable) as info:
         Manager(Layout("v2", {}, str(tmp_path), frozenset({"memory", "pids"})))
     assert "cpu are not delegated" in info.value.reason

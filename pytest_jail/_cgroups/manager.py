@@ -8,7 +8,9 @@ the next start by its dead owner pid, emptied and removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import secrets
@@ -75,14 +77,18 @@ class Manager:
     def _make_v2_parent(self) -> None:
         assert self.layout.v2 is not None
         own = delegated_root(self.layout.v2)
-        missing = [c for c in V2_CONTROLLERS if c not in self.layout.v2_controllers]
-        if missing:
-            raise Unavailable(
-                f"the cgroup v2 controllers {', '.join(missing)} are not delegated to {own}",
-                "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
-            )
+        # One session's processes (xdist's workers) do this at once: one at a time, each reading
+        # what ``own`` was given (not its own group's, which another may have just made a leaf).
+        with _locked(own):
+            given = read(os.path.join(own, "cgroup.controllers")).split()
+            missing = [c for c in V2_CONTROLLERS if c not in given]
+            if missing:
+                raise Unavailable(
+                    f"the cgroup v2 controllers {', '.join(missing)} are not delegated to {own}",
+                    "delegate them (systemd: Delegate=yes, or systemd-run --user --scope -p Delegate=yes pytest)",
+                )
+            enable_children(own, self.layout)
         path = os.path.join(own, self.name)
-        enable_children(own, self.layout)
         try:
             os.mkdir(path)
             with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
@@ -136,6 +142,17 @@ class Manager:
         self.v2_parent = None
 
 
+@contextlib.contextmanager
+def _locked(group: str) -> Iterator[None]:
+    """An exclusive flock(2) on a group's directory, released with its descriptor."""
+    fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _enable_line(layout: Layout) -> str:
     optional = [c for c in ("io",) if c in layout.v2_controllers]
     return " ".join(f"+{c}" for c in (*V2_CONTROLLERS, *optional))
@@ -183,12 +200,18 @@ def enable_children(own: str, layout: Layout) -> None:
     try:
         leaf = _session_leaf(own)
         os.makedirs(leaf, exist_ok=True)
-        for pid in _session_members(own):
+        for attempt in range(5):  # a process of this session may fork meanwhile: move it too
+            for pid in _session_members(own):
+                try:
+                    write(os.path.join(leaf, "cgroup.procs"), str(pid))
+                except ProcessLookupError:
+                    pass  # it ended meanwhile
             try:
-                write(os.path.join(leaf, "cgroup.procs"), str(pid))
-            except ProcessLookupError:
-                pass  # it ended meanwhile
-        write(control, _enable_line(layout))
+                write(control, _enable_line(layout))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or attempt == 4:
+                    raise
     except OSError as exc:
         raise Unavailable(
             f"cannot enable {', '.join(V2_CONTROLLERS)} for child groups of {own}: it holds other "
@@ -198,12 +221,18 @@ def enable_children(own: str, layout: Layout) -> None:
 
 
 def _session_members(own: str) -> list[int]:
-    """The processes in ``own`` that belong to this session: its pid and its direct children."""
+    """The processes in ``own`` that belong to this session: its pid and its descendants."""
     session = _session_pid()
     members = []
     for pid in (int(p) for p in read(os.path.join(own, "cgroup.procs")).split()):
-        if pid in (session, os.getpid()) or _parent_of(pid) == session:
-            members.append(pid)
+        ancestor: int | None = pid
+        for _ in range(64):
+            if ancestor in (session, os.getpid()):
+                members.append(pid)
+                break
+            ancestor = _parent_of(ancestor) if ancestor and ancestor > 1 else None
+            if ancestor is None:
+                break
     return members
 
 
