@@ -222,18 +222,18 @@ def enable_children(own: str, layout: Layout) -> None:
 
 def _session_members(own: str) -> list[int]:
     """The processes in ``own`` that belong to this session: its pid and its descendants."""
-    session = _session_pid()
-    members = []
-    for pid in (int(p) for p in read(os.path.join(own, "cgroup.procs")).split()):
-        ancestor: int | None = pid
-        for _ in range(64):
-            if ancestor in (session, os.getpid()):
-                members.append(pid)
-                break
-            ancestor = _parent_of(ancestor) if ancestor and ancestor > 1 else None
-            if ancestor is None:
-                break
-    return members
+    roots = {_session_pid(), os.getpid()}
+    return [pid for pid in (int(p) for p in read(os.path.join(own, "cgroup.procs")).split())
+            if _descends_from(pid, roots)]
+
+
+def _descends_from(pid: int | None, roots: set[int]) -> bool:
+    """Whether ``pid`` is one of ``roots`` or a descendant of one (following parents to pid 1)."""
+    while pid is not None and pid > 1:
+        if pid in roots:
+            return True
+        pid = _parent_of(pid)
+    return False
 
 
 def _parent_of(pid: int) -> int | None:
