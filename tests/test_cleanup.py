@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import needs_jail
@@ -51,20 +53,32 @@ def test_command_timeout(jail):
 """
 
 
-def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: object) -> None:
+def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: Callable[[], bool]) -> None:
     """Run pytest on ``test`` in ``path``, wait until ``started()``, then send it ``how``."""
     # One pytest process (no xdist), so the signal reaches the process that holds the jail.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", test],
-        cwd=path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_sigint,
-    )
+    log = Path(str(path), f"pytest-{test}-{how.name}.log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            # (faulthandler_timeout: if it hangs before the jail starts, its log shows where)
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", test,
+             "-o", "faulthandler_timeout=120"],
+            cwd=path, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
+        )
     try:
-        assert _wait_until(started), f"the jail of {test} never started"
+        # (an emulated kernel beside another worker took over 60 s to start pytest and the jail)
+        assert _wait_until(lambda: started() or proc.poll() is not None, timeout=180) and started(), (
+            f"the jail of {test} never started; pytest {'still runs' if proc.poll() is None else 'ended'}, "
+            f"its output:\n{log.read_text(errors='replace')[-6000:]}\nprocesses:\n{_processes()}")
         proc.send_signal(how)
         proc.wait(timeout=120)  # a hang guard: a loaded machine (CI beside a guest) took over 30 s
     finally:
         proc.kill()
         proc.wait()
+
+
+def _processes() -> str:
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,wchan:24,args"], capture_output=True, text=True, check=False)
+    return ps.stdout
 
 
 def _default_sigint() -> None:

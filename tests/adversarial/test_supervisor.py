@@ -74,10 +74,12 @@ def _tagged(tag: str) -> list[str]:
 def test_terminate_goes_through_the_jails_init() -> None:
     """JailProcess.terminate() asks the jail's init to SIGTERM its pid 2 (init's own child: its
     pid cannot be reused before init reaps it), not os.kill() on a pid read from /proc."""
-    with Jail().spawn(["sh", "-c", "trap 'echo got TERM; exit 3' TERM; sleep 30 & wait"]) as process:
-        time.sleep(0.3)
+    with Jail().spawn(["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo ready; sleep 300 & wait"]) as process:
+        deadline = time.monotonic() + 60  # a bound, not a speed: the trap must be set before the signal
+        while process.stdout != "ready\n" and time.monotonic() < deadline:
+            time.sleep(0.05)
         result = process.terminate()
-    assert (result.returncode, result.stdout) == (3, "got TERM\n")
+    assert (result.returncode, result.stdout) == (3, "ready\ngot TERM\n")
 
 
 @root_mode
