@@ -61,7 +61,7 @@ def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: Ca
         proc = subprocess.Popen(
             # (faulthandler_timeout: if it hangs before the jail starts, its log shows where)
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", test,
-             "-o", "faulthandler_timeout=120"],
+             "-o", "faulthandler_timeout=60"],
             cwd=path, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
         )
     try:
