@@ -48,6 +48,21 @@ def tagged(tag: str) -> list[str]:
     return found
 
 
+def named(name: str) -> list[str]:
+    """The pids of processes whose ``argv[0]`` is ``name`` (``exec -a`` sets it at a daemon's last
+    exec). Unlike ``tagged``, never true for the shells that start it, which hold the name in
+    their arguments: waiting on those, a check can see the name an instant, then not."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0", 1)[0] == name.encode():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _jail_cgroups(orphans_only: bool = False) -> set[str]:
     """Groups named for jails; with ``orphans_only``, not those of a live session (pytest-jail.<pid>.*
     of a running pytest: the jails of tests running at the same time)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_jail
+from leftovers import named
 from leftovers import new_since
 from leftovers import snapshot
 from leftovers import tagged
@@ -66,7 +67,8 @@ def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: Ca
         )
     try:
         # (an emulated kernel beside another worker took over 60 s to start pytest and the jail)
-        assert _wait_until(lambda: started() or proc.poll() is not None, timeout=180) and started(), (
+        _wait_until(lambda: started() or proc.poll() is not None, timeout=180)
+        assert started(), (
             f"the jail of {test} never started; pytest {'still runs' if proc.poll() is None else 'ended'}, "
             f"its output:\n{log.read_text(errors='replace')[-6000:]}\nprocesses:\n{_processes()}")
         proc.send_signal(how)
@@ -131,8 +133,8 @@ def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, h
         """
     )
     before = snapshot(orphans_only=True)
-    for test, running in (("command", f"{tag}-cmd"), ("body", f"{tag}-body")):
-        _kill_pytest_while(jailed_pytester.path, test, how, lambda name=running: bool(tagged(name)))
+    for test, names in (("command", (f"{tag}-cmd", f"{tag}-cmd2")), ("body", (f"{tag}-body",))):
+        _kill_pytest_while(jailed_pytester.path, test, how, lambda names=names: all(named(n) for n in names))
         assert _wait_until(lambda: not tagged(tag)), f"still running: {tagged(tag)}"
     # A killed pytest cannot remove its cgroups; the next run does, when it makes its first jail.
     jailed_pytester.runpytest_subprocess("-k", "test_next_run").assert_outcomes(passed=1)

@@ -12,6 +12,7 @@ import time
 import pytest
 from attack import needs_jail
 from attack import root_mode
+from leftovers import named
 
 from pytest_jail import Jail
 from pytest_jail import JailProcess
@@ -48,27 +49,15 @@ def test_a_jail_dies_with_pytests_process() -> None:
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline() == "spawned\n"
     deadline = time.monotonic() + 10
-    while not _tagged(tag) and time.monotonic() < deadline:  # the jail's command runs
+    while not named(tag) and time.monotonic() < deadline:  # the jail's command runs
         time.sleep(0.02)
-    assert _tagged(tag)
+    assert named(tag)
     child.kill()
     child.wait()
     deadline = time.monotonic() + 10
-    while _tagged(tag) and time.monotonic() < deadline:
+    while named(tag) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _tagged(tag) == []
-
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(tag.encode()):
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
+    assert named(tag) == []
 
 
 def test_terminate_goes_through_the_jails_init() -> None:
