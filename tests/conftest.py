@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from collections.abc import Iterator
 
 import pytest
@@ -57,6 +59,17 @@ rootless_mode = pytest.mark.skipif(uses_root_map(), reason="needs an unprivilege
 needs_busybox = pytest.mark.skipif(
     shutil.which("busybox") is None, reason="needs a static busybox: apt-get install busybox-static"
 )
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> bool:
+    """Whether ``predicate()`` came true within ``timeout`` seconds, asked every 50 ms. A bound,
+    never a speed: emulated kernels under load are many times slower than this host."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def refuse_calls(refusals: dict[str, int]) -> str:

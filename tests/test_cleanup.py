@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import needs_jail
+from conftest import wait_until
 from leftovers import named
 from leftovers import new_since
 from leftovers import snapshot
@@ -67,7 +67,7 @@ def _kill_pytest_while(path: object, test: str, how: signal.Signals, started: Ca
         )
     try:
         # (an emulated kernel beside another worker took over 60 s to start pytest and the jail)
-        _wait_until(lambda: started() or proc.poll() is not None, timeout=180)
+        wait_until(lambda: started() or proc.poll() is not None, timeout=180)
         assert started(), (
             f"the jail of {test} never started; pytest {'still runs' if proc.poll() is None else 'ended'}, "
             f"its output:\n{log.read_text(errors='replace')[-6000:]}\nprocesses:\n{_processes()}")
@@ -89,15 +89,6 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _wait_until(predicate: object, timeout: float = 60.0) -> bool:  # a bound, not a speed: emulated kernels are slow
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.leftovers
 def test_suite_leaves_nothing_behind(jailed_pytester: pytest.Pytester) -> None:
     """Passing, failing, timed-out and crashing jails, and daemons in each: nothing survives the run."""
@@ -108,7 +99,7 @@ def test_suite_leaves_nothing_behind(jailed_pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=3, failed=3)
     assert tagged(tag) == []
     # Bounded wait: a concurrent test (xdist) may be killing a pytest of its own right now.
-    assert _wait_until(lambda: new_since(before) == {}), new_since(before)
+    assert wait_until(lambda: new_since(before) == {}), new_since(before)
 
 
 @pytest.mark.leftovers
@@ -135,10 +126,10 @@ def test_killed_pytest_leaves_nothing_behind(jailed_pytester: pytest.Pytester, h
     before = snapshot(orphans_only=True)
     for test, names in (("command", (f"{tag}-cmd", f"{tag}-cmd2")), ("body", (f"{tag}-body",))):
         _kill_pytest_while(jailed_pytester.path, test, how, lambda names=names: all(named(n) for n in names))
-        assert _wait_until(lambda: not tagged(tag)), f"still running: {tagged(tag)}"
+        assert wait_until(lambda: not tagged(tag)), f"still running: {tagged(tag)}"
     # A killed pytest cannot remove its cgroups; the next run does, when it makes its first jail.
     jailed_pytester.runpytest_subprocess("-k", "test_next_run").assert_outcomes(passed=1)
-    assert _wait_until(lambda: new_since(before) == {}), new_since(before)
+    assert wait_until(lambda: new_since(before) == {}), new_since(before)
 
 
 @pytest.mark.leftovers

@@ -15,6 +15,7 @@ import pytest
 from conftest import needs_jail
 from conftest import needs_rootfs_jail
 from conftest import root_mode
+from conftest import wait_until
 
 from pytest_jail import Jail
 from pytest_jail import JailWarning
@@ -155,10 +156,7 @@ def test_a_process_that_cannot_die_does_not_hang_pytest(monkeypatch: pytest.Monk
     finally:
         with open(os.path.join(stuck, "freezer.state"), "w") as f:
             f.write("THAWED")
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{sleeper}")  # thawed, its pending SIGKILL ended it
+    assert wait_until(lambda: not os.path.exists(f"/proc/{sleeper}"))  # thawed, its pending SIGKILL ended it
     os.rmdir(stuck)
     group.remove()  # nothing else of the jail was left
     Jail().run(["true"])  # (and a later teardown reaps any helper that was given up on)

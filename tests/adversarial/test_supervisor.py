@@ -12,6 +12,7 @@ import time
 import pytest
 from attack import needs_jail
 from attack import root_mode
+from conftest import wait_until
 from leftovers import named
 
 from pytest_jail import Jail
@@ -48,25 +49,17 @@ def test_a_jail_dies_with_pytests_process() -> None:
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline() == "spawned\n"
-    deadline = time.monotonic() + 10
-    while not named(tag) and time.monotonic() < deadline:  # the jail's command runs
-        time.sleep(0.02)
-    assert named(tag)
+    assert wait_until(lambda: named(tag))  # the jail's command runs
     child.kill()
     child.wait()
-    deadline = time.monotonic() + 10
-    while named(tag) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert named(tag) == []
+    assert wait_until(lambda: not named(tag)), named(tag)
 
 
 def test_terminate_goes_through_the_jails_init() -> None:
     """JailProcess.terminate() asks the jail's init to SIGTERM its pid 2 (init's own child: its
     pid cannot be reused before init reaps it), not os.kill() on a pid read from /proc."""
     with Jail().spawn(["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo ready; sleep 300 & wait"]) as process:
-        deadline = time.monotonic() + 60  # a bound, not a speed: the trap must be set before the signal
-        while process.stdout != "ready\n" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: process.stdout == "ready\n")  # the trap must be set before the signal
         result = process.terminate()
     assert (result.returncode, result.stdout) == (3, "ready\ngot TERM\n")
 
