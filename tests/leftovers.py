@@ -35,32 +35,29 @@ def _foreign_pid_ns_processes(orphans_only: bool) -> set[str]:
     return found
 
 
-def tagged(tag: str) -> list[str]:
-    """The pids of processes whose command line holds ``tag`` (tests tag what they start)."""
-    found = []
+def _command_lines() -> dict[str, bytes]:
+    """Every process's command line, by pid (its arguments NUL-separated); those that end while
+    being read are left out."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(pid)
+                found[pid] = f.read()
         except OSError:
             continue
     return found
+
+
+def tagged(tag: str) -> list[str]:
+    """The pids of processes whose command line holds ``tag`` (tests tag what they start)."""
+    return [pid for pid, cmdline in _command_lines().items() if tag.encode() in cmdline]
 
 
 def named(name: str) -> list[str]:
     """The pids of processes whose ``argv[0]`` is ``name`` (``exec -a`` sets it at a daemon's last
     exec). Unlike ``tagged``, never true for the shells that start it, which hold the name in
     their arguments: waiting on those, a check can see the name an instant, then not."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().split(b"\0", 1)[0] == name.encode():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
+    return [pid for pid, cmdline in _command_lines().items() if cmdline.split(b"\0", 1)[0] == name.encode()]
 
 
 def _jail_cgroups(orphans_only: bool = False) -> set[str]:
